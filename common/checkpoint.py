@@ -1,0 +1,83 @@
+"""Checkpoints: one file per stage, written atomically, loadable with torch.load(weights_only=True).
+
+A checkpoint is a dict of plain types and tensors: model, optimizer, scaler, ema (diffusion stages), step,
+samples (how far into the data stream the run is), config, script, stage, format_version and the RNG states,
+so a resumed run continues the same loss curve.
+"""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import UserError
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may touch, as tensors and plain lists (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": list(random.getstate()[1]) + [random.getstate()[2]]}
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate((3, tuple(state["python"][:-1]), state["python"][-1]))
+
+
+def save_checkpoint(path, state: dict):
+    """Write to a temporary file beside `path`, flush it to disk, then rename over the old file: a run killed at
+    any instant leaves either the old or the new checkpoint, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save({**state, "format_version": FORMAT_VERSION}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, script: str, must_match: dict = None, map_location="cpu") -> dict:
+    """Load a checkpoint and refuse, in one sentence, one from another script, a newer format, or a config
+    whose `must_match` entries (the architecture) differ."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if not isinstance(ckpt, dict) or "script" not in ckpt:
+        raise UserError(f"{path} is not a vidiff checkpoint (no 'script' entry)")
+    if ckpt["script"] != script:
+        raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py: pass a {script} checkpoint")
+    if ckpt.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{path} has format {ckpt['format_version']}, newer than this code's {FORMAT_VERSION}: "
+                        f"update vidiff")
+    for key, value in (must_match or {}).items():
+        saved = ckpt.get("config", {}).get(key)
+        if saved != value:
+            raise UserError(f"{path} was trained with {key}={saved!r} but the config asks for {value!r}: use the "
+                            f"same preset/flags, or a new --run directory")
+    return ckpt
+
+
+def find_checkpoint(script: str, run_dir, ckpt=None, stage: str = "diffusion") -> Path:
+    """The checkpoint `sample` should use: --ckpt if given, else <run>/<stage>.pt; if there is none, say which
+    `train` command makes one."""
+    path = Path(ckpt) if ckpt else Path(run_dir) / f"{stage}.pt"
+    if not path.is_file():
+        default = Path(f"runs/{script}-synthetic-tiny")
+        how = f"python {script}.py train" + ("" if ckpt or Path(run_dir) == default else f" --run {run_dir}")
+        raise UserError(f"no checkpoint at {path}: train one first with `{how}`")
+    return path

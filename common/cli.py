@@ -1,0 +1,100 @@
+"""The command line every paper script shares (../shared/CONTRACT.md).
+
+A script describes its settings as one dataclass, `Config`, plus named presets of it. Fields that carry a
+`help` in their metadata become flags (`batch_size` -> `--batch-size`); a flag left out keeps the preset's value,
+and --help shows that value for every preset. User mistakes raise `UserError`, which `main` turns into one
+`error: ...` line and exit status 2.
+"""
+import argparse
+import dataclasses
+import sys
+from typing import Callable, Dict
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, wrong checkpoint): reported without a traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the contract's error format: one `error:` line, exit status 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def flag(default, help: str, **kwargs):
+    """A config field that is also a command-line flag. kwargs go to argparse (choices=..., type=...)."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, presets: Dict[str, object],
+                     default_preset: str = "tiny"):
+    """One --flag per help-carrying field of config_cls; the default shown is each preset's value."""
+    for f in dataclasses.fields(config_cls):
+        if "help" not in f.metadata:
+            continue
+        meta = dict(f.metadata)
+        values = {name: getattr(p, f.name) for name, p in presets.items()}
+        shown = values[default_preset]
+        others = ", ".join(f"{v} in {k}" for k, v in values.items() if k != default_preset and v != shown)
+        text = f"{meta.pop('help')} (default: {shown}" + (f"; {others})" if others else ")")
+        if isinstance(shown, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text,
+                                action=argparse.BooleanOptionalAction)
+            continue
+        meta.setdefault("type", type(shown) if shown is not None else str)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text, **meta)
+
+
+def config_from_args(config_cls, presets, args):
+    """The chosen preset with every flag the user gave applied on top."""
+    if args.preset not in presets:
+        raise UserError(f"unknown preset {args.preset!r}: expected one of {', '.join(presets)}")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+                 if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(presets[args.preset], **overrides)
+
+
+def main(run: Callable[[], None]):
+    """Run a command; a UserError becomes `error: ...` on stderr and exit status 2, nothing else is caught."""
+    try:
+        run()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser(script: str, description: str, config_cls, presets, stages=("all", "ae", "diffusion")):
+    """The shared `train` and `sample` sub-commands; a script adds its paper-specific flags to the returned
+    sub-parsers. Returns (parser, {"train": p, "sample": p})."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = Parser(prog=f"{script}.py", description=description,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="train the autoencoder, then the diffusion model", formatter_class=fmt)
+    train.add_argument("--preset", default="tiny", choices=list(presets), help="named configuration")
+    train.add_argument("--stage", default="all", choices=list(stages), help="which stage to train")
+    train.add_argument("--run", default=None, help="run directory (default: runs/<script>-<data>-<preset>)")
+    _device_flags(train)
+    train.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    add_config_flags(train, config_cls, presets)
+
+    sample = sub.add_parser("sample", help="generate videos from a trained run", formatter_class=fmt)
+    sample.add_argument("--run", default=f"runs/{script}-synthetic-tiny", help="run directory to sample from")
+    sample.add_argument("--ckpt", default=None, help="a diffusion checkpoint file (overrides --run)")
+    sample.add_argument("--n", type=int, default=8, help="number of videos")
+    sample.add_argument("--frames", type=int, default=None, help="frames per video (default: the training clip)")
+    sample.add_argument("--steps", type=int, default=50, help="sampling steps")
+    sample.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w")
+    sample.add_argument("--label", type=int, default=None, help="class label (class-conditional runs)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    sample.add_argument("--out", default=None, help="output directory (default: <run>/samples/sample)")
+    _device_flags(sample)
+    return parser, {"train": train, "sample": sample}
+
+
+def _device_flags(p):
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on CUDA, fp32 on CPU)")

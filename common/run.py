@@ -1,0 +1,127 @@
+"""Where and how a run executes: device, precision, seeding, EMA, data parallelism and the log.
+
+DDP follows nanoGPT: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK, every rank trains, only rank 0 writes
+(checkpoints, log.jsonl, samples, the progress bar).
+"""
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.cli import UserError
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """auto: CUDA when present, else CPU. Under torchrun each rank takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+        return torch.device("cuda", local_rank)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"unknown device {name!r}: expected auto, cpu or cuda")
+
+
+def pick_precision(name: str, device: torch.device):
+    """The autocast dtype, or None for plain fp32. auto: bf16 on CUDA GPUs that support it, fp32 on CPU."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else (torch.float16 if device.type == "cuda" else None)
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs CUDA: use fp32 (or bf16) on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype):
+    """Mixed precision for the forward pass; a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class EMA:
+    """Exponential moving average of a model's weights, decay min(decay, (1 + n) / (10 + n)) after n updates
+    (the LitEma warm-up used by the LVDM and PVDM code), kept as a frozen copy of the model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str):
+    """(Dist, device). Under torchrun: NCCL on CUDA, gloo on CPU. Otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Dist(), pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank), device
+
+
+def close_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class RunLog:
+    """log.jsonl: one JSON object per logged step (stage, step, loss, lr, seconds). Rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path, self.enabled, self.start = Path(run_dir) / "log.jsonl", enabled, time.time()
+
+    def write(self, **record):
+        if self.enabled:
+            record.setdefault("seconds", round(time.time() - self.start, 3))
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"

@@ -1,0 +1,135 @@
+"""The training loop all four scripts share: a paper file supplies a model, an optimizer and a loss; this file
+does resume, mixed precision, DDP, EMA, logging, periodic samples and atomic checkpoints.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.data import make_loader
+from common.run import (EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything)
+
+
+@dataclass
+class Run:
+    """Everything about where a run executes and writes: one per `train` command."""
+    script: str
+    dir: Path
+    device: torch.device
+    dtype: Optional[torch.dtype]    # autocast dtype, None = fp32
+    dist: Dist
+    compile: bool
+    log: RunLog
+
+    @classmethod
+    def start(cls, script: str, args, config) -> "Run":
+        """Set up devices and DDP, seed, create the run directory and write config.json (rank 0)."""
+        world, device = init_distributed(args.device)
+        run_dir = Path(args.run or f"runs/{script}-{config.data}-{args.preset}")
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(
+                {"script": script, "preset": args.preset, **dataclasses.asdict(config)}, indent=2))
+        seed_everything(config.seed + world.rank)
+        return cls(script, run_dir, device, pick_precision(args.precision, device), world,
+                   getattr(args, "compile", False), RunLog(run_dir, world.is_main))
+
+    def print(self, *msg):
+        if self.dist.is_main:
+            tqdm.write(" ".join(str(m) for m in msg))
+
+
+def _to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                loss_fn: Callable, dataset, *, steps: int, batch_size: int, config, must_match: dict,
+                seed: int = 0, ema_decay: Optional[float] = None, grad_clip: Optional[float] = None,
+                sample_fn: Optional[Callable] = None, sample_every: int = 0, save_every: int = 0,
+                log_every: int = 10) -> torch.nn.Module:
+    """Train `model` for `steps` optimizer steps on `dataset`, resuming from <run>/<stage>.pt if it exists.
+
+    loss_fn(net, batch) returns the loss, or a dict with "loss" and other scalars to log; `net` is the model as
+    wrapped for training (DDP, compile), batch a dict of tensors on the device. Returns the EMA model when
+    ema_decay is set, else the model. A stage whose checkpoint has reached `steps` is skipped.
+    """
+    ckpt_path = run.dir / f"{stage}.pt"
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
+    ema = EMA(model, ema_decay) if ema_decay else None
+    step = samples = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, run.script, must_match, map_location=run.device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema:
+            ema.load_state_dict(ckpt["ema"])
+        step, samples = ckpt["step"], ckpt["samples"]
+        if run.dist.is_main:
+            set_rng_state(ckpt["rng"])
+        else:   # other ranks draw their own noise: a seed from (seed, rank, step)
+            seed_everything(seed * 1_000_003 + run.dist.rank * 1009 + step)
+        if step >= steps:
+            run.print(f"{stage}: finished at step {step} ({ckpt_path}); skipping")
+            return (ema.model if ema else model).eval()
+        run.print(f"{stage}: resuming from step {step} ({ckpt_path})")
+
+    def save():
+        if run.dist.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                **({"ema": ema.state_dict()} if ema else {}), "step": step, "samples": samples,
+                "config": dataclasses.asdict(config), "script": run.script, "stage": stage, "rng": rng_state()})
+
+    net = model
+    if run.dist.world > 1:
+        net = DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None)
+    if run.compile:
+        net = torch.compile(net)
+    loader = make_loader(dataset, batch_size, seed=seed, start=samples, rank=run.dist.rank, world=run.dist.world)
+    model.train()
+    bar = tqdm(total=steps, initial=step, desc=stage, disable=not run.dist.is_main, dynamic_ncols=True)
+    while step < steps:
+        batch = _to_device(next(loader), run.device)
+        with autocast(run.device, run.dtype):
+            out = loss_fn(net, batch)
+        out = out if isinstance(out, dict) else {"loss": out}
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out["loss"]).backward()
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema:
+            ema.update(model)
+        step += 1
+        samples += batch_size * run.dist.world
+        if step % log_every == 0 or step == steps:
+            logged = {k: float(v) for k, v in out.items()}
+            if run.dist.world > 1:   # the mean over ranks, so the log does not depend on the world size
+                vals = torch.tensor(list(logged.values()), device=run.device)
+                dist.all_reduce(vals)
+                logged = dict(zip(logged, (vals / run.dist.world).tolist()))
+            run.log.write(stage=stage, step=step, **logged, lr=optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+        bar.update(1)
+        if save_every and step % save_every == 0 and step < steps:
+            save()
+        if sample_fn and sample_every and step % sample_every == 0 and run.dist.is_main:
+            target = ema.model if ema else model
+            target.eval()
+            with torch.no_grad(), autocast(run.device, run.dtype):
+                sample_fn(target, step)
+            model.train()
+    bar.close()
+    save()
+    return (ema.model if ema else model).eval()
