@@ -72,11 +72,7 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         scaler.load_state_dict(ckpt["scaler"])
         if ema:
             ema.load_state_dict(ckpt["ema"])
-        step, samples = ckpt["step"], ckpt["samples"]
-        if run.dist.is_main:
-            set_rng_state(ckpt["rng"])
-        else:   # other ranks draw their own noise: a seed from (seed, rank, step)
-            seed_everything(seed * 1_000_003 + run.dist.rank * 1009 + step)
+        step, samples, resume_rng = ckpt["step"], ckpt["samples"], ckpt["rng"]
         if step >= steps:
             run.print(f"{stage}: finished at step {step} ({ckpt_path}); skipping")
             return (ema.model if ema else model).eval()
@@ -95,6 +91,11 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
     if run.compile:
         net = torch.compile(net)
     loader = make_loader(dataset, batch_size, seed=seed, start=samples, rank=run.dist.rank, world=run.dist.world)
+    if step > 0:   # restored last: building the loader above draws from the global RNG
+        if run.dist.is_main:
+            set_rng_state(resume_rng)
+        else:   # other ranks draw their own noise: a seed from (seed, rank, step)
+            seed_everything(seed * 1_000_003 + run.dist.rank * 1009 + step)
     model.train()
     bar = tqdm(total=steps, initial=step, desc=stage, disable=not run.dist.is_main, dynamic_ncols=True)
     while step < steps:
@@ -114,7 +115,7 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         step += 1
         samples += batch_size * run.dist.world
         if step % log_every == 0 or step == steps:
-            logged = {k: float(v) for k, v in out.items()}
+            logged = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
             if run.dist.world > 1:   # the mean over ranks, so the log does not depend on the world size
                 vals = torch.tensor(list(logged.values()), device=run.device)
                 dist.all_reduce(vals)

@@ -1,0 +1,72 @@
+"""Small real datasets, written by the tests into a temporary folder in each real layout.
+
+Frame k of every video is a flat grey of level LEVEL*k (plus a coloured marker), so a loaded clip tells which
+frames it came from even after lossy compression.
+"""
+from pathlib import Path
+
+import av
+import imageio.v3 as iio
+import numpy as np
+
+LEVEL = 6
+
+
+def frames(n, h=48, w=64):
+    """(n, h, w, 3) uint8: frame k is grey LEVEL*k with a red square in the centre (marks the crop centre)."""
+    v = np.repeat(np.repeat(np.repeat((np.arange(n) * LEVEL).astype(np.uint8)[:, None, None, None], h, 1), w, 2), 3, 3)
+    v[:, h // 2 - 4:h // 2 + 4, w // 2 - 4:w // 2 + 4] = (255, 0, 0)
+    return v
+
+
+def write_video(path, n, fps=25, h=48, w=64):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    codec = {".avi": "mpeg4", ".mp4": "libx264", ".webm": "libvpx-vp9"}[path.suffix]
+    with av.open(str(path), "w") as container:   # PyAV directly, for a bitrate high enough to keep grey levels
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = w, h, "yuv420p", 20_000_000
+        for frame in frames(n, h, w):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def make_ucf101(root, n_frames=(30, 30, 20, 8), fps=(25, 10, 25, 25)):
+    """root/UCF-101/<Class>/v_<Class>_gXX_cYY.avi plus ucfTrainTestlist/ with fold-1 lists.
+    Classes: 1 ApplyEyeMakeup, 2 Biking; the last video (8 frames) is too short for 16-frame clips."""
+    root = Path(root)
+    classes = ["ApplyEyeMakeup", "Biking"]
+    rels = []
+    for k, (n, f) in enumerate(zip(n_frames, fps)):
+        c = classes[k % 2]
+        rel = f"{c}/v_{c}_g{k + 1:02d}_c01.avi"
+        write_video(root / "UCF-101" / rel, n, fps=f)
+        rels.append((rel, k % 2))
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir(parents=True)
+    (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+    (lists / "trainlist01.txt").write_text("".join(f"{r} {c + 1}\n" for r, c in rels[:3]) + rels[3][0] + " 1\n")
+    (lists / "testlist01.txt").write_text(f"{rels[0][0]}\n")
+    return root
+
+
+def make_sky(root, videos=2, clips=2, n=20):
+    """root/sky_{train,test}/<video>/<clip>/<frame>.jpg"""
+    root = Path(root)
+    for split in ("train", "test"):
+        for v in range(videos):
+            for c in range(clips):
+                d = root / f"sky_{split}" / f"video{v}" / f"video{v}_{c}"
+                d.mkdir(parents=True)
+                for k, frame in enumerate(frames(n)):
+                    iio.imwrite(d / f"video{v}_{c}_frames_{k:08d}.jpg", frame, quality=95)
+    return root
+
+
+def make_gif_folder(root, count=3, n=12):
+    root = Path(root)
+    (root / "sub").mkdir(parents=True)
+    for k in range(count):
+        iio.imwrite(root / ("sub" if k else "") / f"clip{k}.gif", frames(n), duration=100, loop=0)
+    return root

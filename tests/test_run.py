@@ -1,0 +1,176 @@
+"""Run plumbing: checkpoints, exact resume, the CLI's errors and presets, DDP under torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common import checkpoint
+from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.cli import UserError
+from common.run import EMA, pick_precision
+from tests import toy_script
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in map(json.loads, (Path(run_dir) / "log.jsonl").read_text().split("\n")[:-1])]
+
+
+def test_checkpoint_round_trips_with_weights_only(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7,
+                                        "config": {"width": 3}, "script": "toy", "rng": rng_state()})
+    ckpt = load_checkpoint(tmp_path / "c.pt", "toy", {"width": 3})
+    assert ckpt["step"] == 7 and ckpt["format_version"] == checkpoint.FORMAT_VERSION
+    assert torch.equal(ckpt["model"]["weight"], model.weight)
+    assert torch.equal(ckpt["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_checkpoint_refuses_wrong_script_newer_format_and_other_architecture(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"config": {"width": 3}, "script": "pvdm"})
+    with pytest.raises(UserError, match="written by pvdm.py, not videofusion.py"):
+        load_checkpoint(tmp_path / "c.pt", "videofusion")
+    with pytest.raises(UserError, match="width=3 but the config asks for 4"):
+        load_checkpoint(tmp_path / "c.pt", "pvdm", {"width": 4})
+    torch.save({"script": "pvdm", "format_version": 99}, tmp_path / "new.pt")
+    with pytest.raises(UserError, match="format 99, newer"):
+        load_checkpoint(tmp_path / "new.pt", "pvdm")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt", "pvdm")
+
+
+def test_save_interrupted_before_rename_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "c.pt", {"script": "toy", "step": 1})
+
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "c.pt", {"script": "toy", "step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "c.pt", "toy")["step"] == 1
+
+
+def test_rng_state_round_trips():
+    state = rng_state()
+    a = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_resumed_training_continues_the_same_loss_curve(tmp_path, monkeypatch):
+    toy_script.cli(["train", "--run", str(tmp_path / "straight"), "--steps", "6"])
+    # the same run killed during step 5 (after the checkpoint of step 4), then started again
+    real_loss = torch.nn.functional.mse_loss
+    calls = {"n": 0}
+
+    def dies_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(toy_script.F, "mse_loss", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "6"])
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "killed" / "diffusion.pt", "toy")["step"] == 4
+    toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "6"])
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 1 + 4, 2 + 4] and len(straight) == 6
+    assert [l for _, l in resumed] == [l for _, l in straight]
+
+
+def test_a_finished_stage_is_skipped_and_more_steps_resume_it(tmp_path, capsys):
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2"])
+    capsys.readouterr()
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2"])
+    assert "diffusion: finished at step 2" in capsys.readouterr().out
+    assert len(losses(tmp_path)) == 2
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "3"])
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3]
+
+
+def test_config_flags_override_the_preset_and_help_shows_preset_values(tmp_path, capsys):
+    toy_script.cli(["train", "--run", str(tmp_path), "--preset", "wide", "--steps", "1", "--lr", "0.5"])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["width"] == 16 and cfg["steps"] == 1 and cfg["lr"] == 0.5 and cfg["preset"] == "wide"
+    with pytest.raises(SystemExit):
+        toy_script.cli(["train", "--help"])
+    assert "(default: 6)" in capsys.readouterr().out
+
+
+def test_resuming_with_another_architecture_is_refused(tmp_path):
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "1"])
+    with pytest.raises(UserError, match="width=8 but the config asks for 16"):
+        toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2", "--preset", "wide"])
+
+
+def run_script(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--batch-size", "many"], "invalid int value"),
+    (["train", "--data", "ucf101", "--data-root", "/no/such/dir"], "UCF-101 not found at /no/such/dir"),
+    (["sample", "--run", "/no/such/run"], "train one first with `python toy.py train --run /no/such/run`"),
+    (["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--precision", "x"], ""),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, expected):
+    out = run_script("tests/toy_script.py", *argv)
+    assert out.returncode == 2
+    lines = out.stderr.strip().split("\n")
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+
+
+def test_sample_writes_contract_files(tmp_path):
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2"])
+    toy_script.cli(["sample", "--run", str(tmp_path), "--n", "3", "--steps", "4"])
+    videos = np.load(tmp_path / "samples" / "sample" / "samples.npz")["videos"]
+    assert videos.shape == (3, 4, 8, 8, 3) and videos.dtype == np.uint8
+    assert len(list((tmp_path / "samples" / "sample").glob("*.mp4"))) == 3
+
+
+def test_torchrun_two_processes_train_and_only_rank_0_writes(tmp_path):
+    out = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
+                     "tests/toy_script.py",
+                     "train", "--run", str(tmp_path), "--steps", "4", "--device", "cpu",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]          # one line per step, not one per rank
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion.pt", "log.jsonl"]
+    ckpt = load_checkpoint(tmp_path / "diffusion.pt", "toy")
+    assert ckpt["step"] == 4 and ckpt["samples"] == 4 * 2 * 2        # steps x batch x world
+    # and it resumes on one process, continuing the data stream where the two left it
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "5"])
+    assert load_checkpoint(tmp_path / "diffusion.pt", "toy")["samples"] == 16 + 2
+
+
+def test_ema_follows_with_warm_up():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    start = ema.model.weight.item()
+    ema.update(model)   # first update: decay min(0.5, 2/11) = 2/11
+    assert ema.model.weight.item() == pytest.approx(start * 2 / 11 + 9 / 11)
+
+
+def test_precision_is_fp32_on_cpu_and_fp16_needs_cuda():
+    assert pick_precision("auto", torch.device("cpu")) is None
+    assert pick_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        pick_precision("fp16", torch.device("cpu"))
