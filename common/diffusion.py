@@ -139,23 +139,29 @@ def posterior(ab_t, ab_prev, x0, x_t, variance="fixed_small", first_step=None):
 
 # --- Samplers ---
 
-def ddpm_sample(eps_fn: EpsFn, x_T: torch.Tensor, sched: Schedule, *, variance: str = "fixed_small",
-                clip_x0: Optional[float] = None, noise_fn: NoiseFn = torch.randn_like,
-                progress: bool = False) -> torch.Tensor:
-    """Ancestral sampling, DDPM Algorithm 2: x_{t-1} = mu(x_t, x_0_hat) + sigma_t z for t = T-1 .. 0.
+def ddpm_sample(eps_fn: EpsFn, x_T: torch.Tensor, sched: Schedule, steps: Optional[int] = None, *,
+                variance: str = "fixed_small", clip_x0: Optional[float] = None,
+                noise_fn: NoiseFn = torch.randn_like, progress: bool = False) -> torch.Tensor:
+    """Ancestral sampling, DDPM Algorithm 2: x_prev = mu(x_t, x0_hat) + sigma_t z, from the noisiest step down.
 
-    x_0_hat comes from eps_fn through predict_x0, optionally clipped to [-clip_x0, clip_x0]; without clipping
+    x0_hat comes from eps_fn through predict_x0, optionally clipped to [-clip_x0, clip_x0]; without clipping
     the mean equals DDPM Eq. (11), 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps).
-    noise_fn(x) draws the fresh noise z of a step (VideoFusion decomposes it).
+    steps=None runs all T steps; fewer steps run the same chain on an evenly respaced schedule (Nichol &
+    Dhariwal 2021, §4). noise_fn(x) draws the fresh noise z of a step (VideoFusion decomposes it).
     """
-    x = x_T
-    for i in tqdm(range(sched.T - 1, -1, -1), disable=not progress, desc="ddpm", leave=False):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    ts = ddim_timesteps(sched.T, steps or sched.T)
+    x, B = x_T, x_T.shape[0]
+    for i, step in enumerate(tqdm(ts, disable=not progress, desc="ddpm", leave=False)):
+        t = torch.full((B,), step, device=x.device, dtype=torch.long)
+        t_prev = torch.full_like(t, ts[i + 1] if i + 1 < len(ts) else -1)
         x0 = sched.predict_x0(x, t, eps_fn(x, t))
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-        mean, var = sched.q_posterior_mean_variance(x0, x, t, variance)
-        x = mean if i == 0 else mean + var.sqrt() * noise_fn(x)   # no noise at the last step (DDPM Alg. 2)
+        shape = (B, *([1] * (x.dim() - 1)))
+        mean, var = posterior(sched.alpha_bar_at(t).to(x.dtype).reshape(shape),
+                              sched.alpha_bar_at(t_prev).to(x.dtype).reshape(shape), x0, x, variance,
+                              first_step=(t_prev == -1))
+        x = mean if i + 1 == len(ts) else mean + var.sqrt() * noise_fn(x)   # no noise at the last step (Alg. 2)
     return x
 
 

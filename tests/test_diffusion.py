@@ -154,3 +154,19 @@ def test_guidance_conventions_agree_when_w_vqvdm_is_one_plus_w_lvdm(w, seed):
     assert torch.equal(cfg_vqvdm(eps_c, eps_u, 0.0), eps_u)
     fn = guided(lambda x, t: eps_c, lambda x, t: eps_u, w)
     assert torch.allclose(fn(None, None), cfg_lvdm(eps_c, eps_u, w))
+
+
+@given(KINDS, st.integers(2, 200), st.integers(0, 2 ** 31))
+def test_respaced_ddpm_equals_ddim_with_eta_one(kind, steps, seed):
+    """On the same step subset, DDPM with the fixed-small variance and DDIM with eta = 1 are one chain."""
+    sched = schedule(kind)
+    x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    noises = torch.randn(steps, 2, 3, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+
+    def replay():
+        it = iter(noises)
+        return lambda x: next(it)
+
+    a = ddpm_sample(toy_eps, x_T, sched, steps, noise_fn=replay())
+    b = ddim_sample(toy_eps, x_T, sched, steps, eta=1.0, noise_fn=replay())
+    assert torch.allclose(a, b, atol=1e-9)
