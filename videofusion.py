@@ -487,8 +487,8 @@ def train(args):
         raise UserError(f"--resolution {cfg.resolution} is not divisible by the autoencoder factor {cfg.ae_factor}")
     if args.stage == "ae" and cfg.space != "latent":
         raise UserError("--stage ae trains the autoencoder of --space latent; pixel space has none")
-    run = Run.start(SCRIPT, args, cfg)
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
+    run = Run.start(SCRIPT, args, cfg)
     num_classes = getattr(data, "num_classes", 0)
     if cfg.class_cond and not num_classes:
         raise UserError(f"--data {cfg.data} has no class labels: pass --no-class-cond")
@@ -560,7 +560,7 @@ def train(args):
                           sample_every=cfg.sample_every, **common)
         if run.dist.is_main:
             videos = generate(ema, ae, sched, cfg, n=8, steps=100, labels=labels, device=run.device,
-                              dtype=run.dtype)
+                              dtype=run.dtype, progress=True)
             out = write_samples(run.dir / "samples" / "final", to_uint8(videos),
                                 None if labels is None else labels.numpy())
             run.print(f"samples written to {out}/ (grid.gif, samples.npz, one mp4 per video)")
@@ -570,7 +570,7 @@ def train(args):
 
 @torch.no_grad()
 def generate(model: VideoFusion, ae, sched: Schedule, cfg: Config, *, n, steps, frames=None, sampler="ddpm",
-             eta=0.0, labels=None, guidance=0.0, share=None, seed=0, device="cpu", dtype=None):
+             eta=0.0, labels=None, guidance=0.0, share=None, seed=0, device="cpu", dtype=None, progress=False):
     """n videos (n, 3, N, H, W) in [-1, 1]. Both algorithms start from decomposed noise (b shared by the frames,
     z^k = b) and, where a step adds noise, draw it decomposed too, one shared b per step."""
     N = frames or cfg.frames
@@ -607,9 +607,10 @@ def generate(model: VideoFusion, ae, sched: Schedule, cfg: Config, *, n, steps, 
     if sampler == "ddpm":
         # Alg. 1. The slides write sigma = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) (1 - alpha_t), a variance;
         # the step uses its square root, as DDPM does.
-        z = ddpm_sample(eps_fp32, z_T, sched, steps, clip_x0=clip, noise_fn=noise_fn)
+        z = ddpm_sample(eps_fp32, z_T, sched, steps, clip_x0=clip, noise_fn=noise_fn, progress=progress)
     else:
-        z = ddim_sample(eps_fp32, z_T, sched, steps, eta=eta, clip_x0=clip, noise_fn=noise_fn)   # Alg. 2: eta=0
+        z = ddim_sample(eps_fp32, z_T, sched, steps, eta=eta, clip_x0=clip, noise_fn=noise_fn,
+                        progress=progress)   # Alg. 2 as written is eta = 0
     if ae is not None:
         z = ae.decode(z / model.latent_scale)
     return z.clamp(-1, 1)
@@ -639,14 +640,17 @@ def sample(args):
     if model.num_classes:
         if args.label is not None and not 0 <= args.label < model.num_classes:
             raise UserError(f"--label must be in 0..{model.num_classes - 1} for this run, got {args.label}")
-        labels = torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % model.num_classes
+        index = torch.arange(args.n)
+        if args.share:   # Figure 1: a grid row differs only in its unshared noise, so it keeps one label
+            index = index // math.ceil(math.sqrt(args.n))
+        labels = torch.full((args.n,), args.label) if args.label is not None else index % model.num_classes
     elif args.label is not None:
         raise UserError(f"{path} is unconditional: --label needs a run trained with --class-cond")
     if args.frames is not None and args.frames < 2:
         raise UserError(f"--frames must be at least 2, got {args.frames}")
     videos = generate(model, ae, sched, cfg, n=args.n, steps=args.steps, frames=args.frames, sampler=args.sampler,
                       eta=args.eta, labels=labels, guidance=args.guidance, share=args.share, seed=args.seed,
-                      device=device, dtype=pick_precision(args.precision, device))
+                      device=device, dtype=pick_precision(args.precision, device), progress=True)
     out = Path(args.out or path.parent / "samples" / (f"share-{args.share}" if args.share else "sample"))
     write_samples(out, to_uint8(videos), None if labels is None else labels.numpy())
     print(f"wrote {args.n} videos to {out}/ (grid.gif, samples.npz, video_*.mp4)")
