@@ -7,7 +7,6 @@ A dataset is indexed either by an int (evaluation: the clip starts at frame 0) o
 from `StreamSampler` (training: a random start drawn from item_seed). Because the random start depends only on
 the key, and the key stream only on (seed, samples seen), a resumed run reads exactly the clips it would have read.
 """
-import hashlib
 import json
 import os
 import warnings
@@ -323,8 +322,3 @@ def fixed_batch(dataset, n, start=0):
     items = [dataset[i % len(dataset)] for i in range(start, start + n)]
     return {k: torch.utils.data.default_collate([it[k] for it in items]) for k in items[0]}
 
-
-def dataset_fingerprint(dataset) -> str:
-    """A short hash of what a dataset yields (name, size, shape), for caching evaluation features."""
-    desc = [dataset.name, len(dataset), dataset.frames, dataset.resolution, getattr(dataset, "stride", 1)]
-    return hashlib.sha1(json.dumps(desc, default=str).encode()).hexdigest()[:12]

@@ -3,6 +3,7 @@
 DDP follows nanoGPT: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK, every rank trains, only rank 0 writes
 (checkpoints, log.jsonl, samples, the progress bar).
 """
+import atexit
 import copy
 import json
 import os
@@ -98,10 +99,11 @@ def init_distributed(device_name: str):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(_close_distributed)
     return Dist(rank, world, local_rank), device
 
 
-def close_distributed():
+def _close_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
 

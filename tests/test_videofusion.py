@@ -264,3 +264,30 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path):
         vf.cli(["train", "--lam", "1.0", "--run", str(tmp_path / "r")])
     with pytest.raises(UserError, match="train one first with `python videofusion.py train --run"):
         vf.cli(["sample", "--run", str(tmp_path / "empty")])
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_steps_and_sampling(tmp_path):
+    run = tmp_path / "run"
+    vf.cli(["train", "--run", str(run), "--device", "cuda", "--precision", "bf16", "--steps", "4", "--base-steps",
+            "2", *TINY])
+    vf.cli(["sample", "--run", str(run), "--device", "cuda", "--precision", "bf16", "--n", "4", "--steps", "10"])
+    videos = np.load(run / "samples" / "sample" / "samples.npz")["videos"]
+    assert videos.shape == (4, 4, 16, 16, 3)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().split("\n") if line]
+    assert all(np.isfinite(r["loss"]) for r in log)
+
+
+@pytest.mark.slow
+def test_the_default_demo_learns_the_synthetic_videos(tmp_path):
+    """The newcomer's first command, in full (minutes): the loss falls and the samples look like the data, a
+    flat background with objects, rather than noise. Share of pixels within 40 levels of the video's median colour:
+    synthetic data 0.87, uniform noise 0.01, the tiny demo's samples 0.37 (measured 2026-11-21)."""
+    run = tmp_path / "run"
+    vf.cli(["train", "--run", str(run)])
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().split("\n") if line]
+    diffusion = [r["loss"] for r in log if r["stage"] == "diffusion"]
+    assert np.mean(diffusion[-10:]) < 0.5 * np.mean(diffusion[:3])
+    videos = np.load(run / "samples" / "final" / "samples.npz")["videos"].astype(np.float32)
+    background = np.median(videos, axis=(1, 2, 3), keepdims=True)
+    assert np.mean(np.abs(videos - background).max(axis=-1) < 40) > 0.25
