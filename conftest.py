@@ -23,3 +23,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Tests keep the video-probe cache to themselves instead of the user's ~/.cache/vidiff."""
+    monkeypatch.setenv("VIDIFF_CACHE", str(tmp_path / "cache"))

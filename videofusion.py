@@ -342,17 +342,24 @@ class VideoFusion(nn.Module):
         """
         N = z_t.shape[2]
         b_hat = self.base(z_t[:, :, key_frame(N)], t, label)[:, :, None]           # (B, C, 1, H, W)
-        b_in = b_hat if self.joint == "full" else b_hat.detach()                     # Table 7: sg[b_hat]
         s = self.sqrt_one_minus_alpha_bar[t].reshape(-1, 1, 1, 1, 1)
-        z_prime = z_t - frame_lams(N, self.lam, z_t.device, z_t.dtype).sqrt() * s * b_in
+        z_prime = z_t - frame_lams(N, self.lam, z_t.device, z_t.dtype).sqrt() * s * self.sg(b_hat)
         return b_hat, self.residual(z_prime, t, label)
 
-    def eps(self, z_t, t, label=None):
+    def sg(self, b_hat):
+        """The base prediction as the residual branch sees it: sg[b_hat] (Table 7's best), or b_hat itself with
+        --joint full ('w/o stop gradient')."""
+        return b_hat if self.joint == "full" else b_hat.detach()
+
+    def compose(self, b_hat, r_hat):
         """eps_hat^i = sqrt(lam^i) b_hat + sqrt(1 - lam^i) r_hat^i, so eps_hat^k = b_hat.  §3.1 applied to the
         predictions."""
-        b_hat, r_hat = self(z_t, t, label)
-        lams = frame_lams(z_t.shape[2], self.lam, z_t.device, z_t.dtype)
+        lams = frame_lams(r_hat.shape[2], self.lam, r_hat.device, r_hat.dtype)
         return lams.sqrt() * b_hat + (1 - lams).sqrt() * r_hat
+
+    def eps(self, z_t, t, label=None):
+        b_hat, r_hat = self(z_t, t, label)
+        return self.compose(b_hat, r_hat)
 
 
 # --- Latent space: a small per-frame 2D autoencoder (--space latent) ---
@@ -439,12 +446,9 @@ def diffusion_loss(net, model: VideoFusion, sched: Schedule, z0, label, p_uncond
     eps, b, _ = decomposed_noise(z0.shape, model.lam, device=z0.device)
     z_t = sched.q_sample(z0, t, eps)                                     # §3.1, decomposed forward process
     b_hat, r_hat = net(z_t, t, drop_labels(label, model.num_classes, p_uncond))
-    k = key_frame(N)
     base = F.mse_loss(b_hat[:, :, 0].float(), b[:, :, 0])
-    lam = model.lam
-    b_used = b_hat if model.joint == "full" else b_hat.detach()
-    eps_hat = math.sqrt(lam) * b_used + math.sqrt(1 - lam) * r_hat
-    others = [i for i in range(N) if i != k]
+    eps_hat = model.compose(model.sg(b_hat), r_hat)
+    others = [i for i in range(N) if i != key_frame(N)]
     residual = F.mse_loss(eps_hat[:, :, others].float(), eps[:, :, others])
     if model.joint == "fixed":          # Table 7 "Fixed": the (pretrained) base generator is not trained
         return {"loss": residual, "base": base.detach(), "residual": residual}
@@ -488,10 +492,10 @@ def train(args):
     if args.stage == "ae" and cfg.space != "latent":
         raise UserError("--stage ae trains the autoencoder of --space latent; pixel space has none")
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
-    run = Run.start(SCRIPT, args, cfg)
     num_classes = getattr(data, "num_classes", 0)
     if cfg.class_cond and not num_classes:
         raise UserError(f"--data {cfg.data} has no class labels: pass --no-class-cond")
+    run = Run.start(SCRIPT, args, cfg)
     sched, model, ae = build(cfg, num_classes, run.device)
     report_sizes(cfg, model, ae, run.print)
     match = {k: getattr(cfg, k) for k in ARCH}
@@ -502,13 +506,14 @@ def train(args):
     # stage 1 (latent space only): the per-frame autoencoder
     if ae is not None and ("ae" in stages or (run.dir / "ae.pt").exists()):
         ae = train_stage(run, "ae", ae, torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.5, 0.9)),
-                         lambda net, batch: ae_loss(net, batch), data, steps=cfg.ae_steps, **common)
+                         ae_loss, data, steps=cfg.ae_steps, **common)
         ae.requires_grad_(False)
         held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
                                             split="test", seed=cfg.seed), 8)["video"].to(run.device)
         with torch.no_grad():
-            rec = ae.decode(ae.encode(held_out)[0])
-            model.latent_scale.fill_(1.0 / ae.encode(held_out)[0].std().item())
+            latents = ae.encode(held_out)[0]
+            rec = ae.decode(latents)
+            model.latent_scale.fill_(1.0 / latents.std().item())
         run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out):.2f} dB on 8 held-out clips; "
                   f"latent scale {model.latent_scale.item():.4f}")
     elif ae is not None and args.stage != "ae":

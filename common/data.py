@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.cli import UserError
-from common.video import IMAGE_EXTS, VIDEO_EXTS, list_frames, probe, read_frames
+from common.video import IMAGE_EXTS, VIDEO_EXTS, probe, read_frames
 
 DATASETS = ("synthetic", "ucf101", "sky", "taichi", "folder")
 

@@ -1,5 +1,4 @@
 """Datasets through the real decoders, on small files the tests write in each real layout."""
-import warnings
 
 import numpy as np
 import pytest
@@ -9,11 +8,6 @@ from common.cli import UserError
 from common.data import StreamSampler, SyntheticVideos, fixed_batch, make_dataset, make_loader
 from common.video import make_grid, probe, to_uint8, write_samples
 from tests.fixtures import LEVEL, make_gif_folder, make_sky, make_ucf101, write_video
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("VIDIFF_CACHE", str(tmp_path / "cache"))
 
 
 def frame_levels(clip):

@@ -1,7 +1,7 @@
 """The smallest script that keeps the contract: a one-layer 3D-conv eps-predictor on synthetic video, trained
 and sampled through common/. The run-plumbing tests drive it in-process and under torchrun."""
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
