@@ -64,10 +64,18 @@ def main(run: Callable[[], None]):
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help already says its default (config flags list each preset's)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
+
+
 def build_parser(script: str, description: str, config_cls, presets, stages=("all", "ae", "diffusion")):
     """The shared `train` and `sample` sub-commands; a script adds its paper-specific flags to the returned
     sub-parsers. Returns (parser, {"train": p, "sample": p})."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     parser = Parser(prog=f"{script}.py", description=description,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
