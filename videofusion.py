@@ -44,7 +44,7 @@ from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
 from common.run import count_params, fmt_params, pick_device, pick_precision, autocast
 from common.train import Run, train_stage
-from common.video import make_grid, to_uint8, write_gif, write_samples
+from common.video import grid_columns, make_grid, to_uint8, write_gif, write_samples
 
 SCRIPT = "videofusion"
 
@@ -582,7 +582,7 @@ def generate(model: VideoFusion, ae, sched: Schedule, cfg: Config, *, n, steps, 
     size = cfg.resolution // cfg.ae_factor if ae is not None else cfg.resolution
     C = cfg.z_channels if ae is not None else 3
     g = torch.Generator(device=device).manual_seed(seed)
-    group = math.ceil(math.sqrt(n))          # a row of make_grid: Figure 1's rows share base or residual noise
+    group = grid_columns(n)                  # a row of make_grid: Figure 1's rows share base or residual noise
 
     def noise_fn(x):
         return decomposed_noise(x.shape, model.lam, g, device, share, group)[0]
@@ -641,13 +641,15 @@ def load_for_sampling(args, device):
 def sample(args):
     device = pick_device(args.device)
     cfg, sched, model, ae, path = load_for_sampling(args, device)
+    if not 1 <= args.steps <= sched.T:
+        raise UserError(f"--steps must be between 1 and the schedule's {sched.T} steps, got {args.steps}")
     labels = None
     if model.num_classes:
         if args.label is not None and not 0 <= args.label < model.num_classes:
             raise UserError(f"--label must be in 0..{model.num_classes - 1} for this run, got {args.label}")
         index = torch.arange(args.n)
         if args.share:   # Figure 1: a grid row differs only in its unshared noise, so it keeps one label
-            index = index // math.ceil(math.sqrt(args.n))
+            index = index // grid_columns(args.n)
         labels = torch.full((args.n,), args.label) if args.label is not None else index % model.num_classes
     elif args.label is not None:
         raise UserError(f"{path} is unconditional: --label needs a run trained with --class-cond")
@@ -674,8 +676,6 @@ def cli(argv=None):
     s.add_argument("--share", default=None, choices=["base", "residual"],
                    help="Figure 1: videos in a grid row share their base (or residual) noise")
     args = parser.parse_args(argv)
-    if args.command == "sample" and not 1 <= args.steps <= 1000:
-        raise UserError(f"--steps must be between 1 and the schedule's 1000 steps, got {args.steps}")
     {"train": train, "sample": sample}[args.command](args)
 
 

@@ -72,10 +72,9 @@ class Schedule:
     def make(cls, kind: str, T: int = 1000, beta_start=None, beta_end=None) -> "Schedule":
         return cls(make_betas(kind, T, beta_start, beta_end))
 
-    def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t for t >= 0 and 1 for t = -1 (used as 'the step after the last')."""
-        ab = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar])
-        return ab.to(t.device)[t + 1]
+    def alpha_bar_like(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t shaped (B, 1, 1, ...) in x's dtype, with alpha_bar_{-1} = 1 ('the step after the last')."""
+        return _gather(torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar]), t + 1, x)
 
     # --- forward process q(x_t | x_0) ---
 
@@ -157,9 +156,7 @@ def ddpm_sample(eps_fn: EpsFn, x_T: torch.Tensor, sched: Schedule, steps: Option
         x0 = sched.predict_x0(x, t, eps_fn(x, t))
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
-        shape = (B, *([1] * (x.dim() - 1)))
-        mean, var = posterior(sched.alpha_bar_at(t).to(x.dtype).reshape(shape),
-                              sched.alpha_bar_at(t_prev).to(x.dtype).reshape(shape), x0, x, variance,
+        mean, var = posterior(sched.alpha_bar_like(t, x), sched.alpha_bar_like(t_prev, x), x0, x, variance,
                               first_step=(t_prev == -1))
         x = mean if i + 1 == len(ts) else mean + var.sqrt() * noise_fn(x)   # no noise at the last step (Alg. 2)
     return x
@@ -181,8 +178,7 @@ def ddim_step(sched: Schedule, x_t, t, t_prev, eps, *, eta: float = 0.0, noise=N
     sigma  = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)  (Eq. 16).
     Returns (x_prev, x0_hat).
     """
-    ab_t = sched.alpha_bar_at(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
-    ab_prev = sched.alpha_bar_at(t_prev).to(x_t.dtype).reshape(-1, *([1] * (x_t.dim() - 1)))
+    ab_t, ab_prev = sched.alpha_bar_like(t, x_t), sched.alpha_bar_like(t_prev, x_t)
     x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)

@@ -74,11 +74,16 @@ def to_uint8(videos: torch.Tensor) -> np.ndarray:
     return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
+def grid_columns(n: int) -> int:
+    """Videos per row of make_grid's near-square grid of n videos."""
+    return int(np.ceil(np.sqrt(n)))
+
+
 def make_grid(videos: np.ndarray, max_videos: int = 16, pad: int = 2) -> np.ndarray:
     """(N, T, H, W, 3) uint8 -> one (T, H', W', 3) video with up to `max_videos` tiled in a near-square grid."""
     v = videos[:max_videos]
     n, T, H, W, _ = v.shape
-    cols = int(np.ceil(np.sqrt(n)))
+    cols = grid_columns(n)
     rows = int(np.ceil(n / cols))
     grid = np.zeros((T, rows * (H + pad) + pad, cols * (W + pad) + pad, 3), dtype=np.uint8)
     for k in range(n):
