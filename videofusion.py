@@ -26,6 +26,7 @@ perceptual or adversarial loss).
     python videofusion.py train                                   # tiny demo on synthetic videos, CPU
     python videofusion.py sample                                  # 8 videos from that run, Alg. 1, 100 steps
     python videofusion.py sample --share base --n 16              # Figure 1: rows share their base noise
+    python videofusion.py eval --n 64                             # FVD/KVD of that run against its data
     python videofusion.py train --data ucf101 --data-root DIR --preset ucf64
 """
 import math
@@ -42,6 +43,8 @@ from common.checkpoint import find_checkpoint, load_checkpoint
 from common.cli import UserError, build_parser, config_from_args, flag, main
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
+from common.evaluate import evaluate_run
+from common.metrics import psnr
 from common.run import count_params, fmt_params, pick_device, pick_precision, autocast
 from common.train import Run, train_stage
 from common.video import grid_columns, make_grid, to_uint8, write_gif, write_samples
@@ -420,12 +423,6 @@ def ae_loss(ae, batch, kl_weight=1e-6):
     return {"loss": rec + kl_weight * kl, "l1": rec, "kl": kl}
 
 
-def psnr(x, y):
-    """PSNR in dB of videos in [-1, 1]."""
-    mse = ((x.clamp(-1, 1) - y) ** 2).mean(dim=tuple(range(1, x.dim())))
-    return (10 * torch.log10(4.0 / mse)).mean().item()
-
-
 # --- §3.3 Losses ---
 
 def drop_labels(label, num_classes, p_uncond):
@@ -514,7 +511,7 @@ def train(args):
             latents = ae.encode(held_out)[0]
             rec = ae.decode(latents)
             model.latent_scale.fill_(1.0 / latents.std().item())
-        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out):.2f} dB on 8 held-out clips; "
+        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 8 held-out clips; "
                   f"latent scale {model.latent_scale.item():.4f}")
     elif ae is not None and args.stage != "ae":
         raise UserError(f"--space latent needs the autoencoder first: run `python {SCRIPT}.py train --stage ae`")
@@ -663,6 +660,25 @@ def sample(args):
     print(f"wrote {args.n} videos to {out}/ (grid.gif, samples.npz, video_*.mp4)")
 
 
+# --- Evaluation ---
+
+def evaluate(args):
+    """FVD and KVD of sampled videos against the training data (IS with --c3d; PSNR, SSIM and R-FVD of the
+    autoencoder in latent space)."""
+    device = pick_device(args.device)
+    cfg, sched, model, ae, path = load_for_sampling(args, device)
+    dtype = pick_precision(args.precision, device)
+    steps = args.steps or 100
+
+    def fake(n, frames, seed):
+        labels = torch.arange(seed, seed + n) % model.num_classes if model.num_classes else None
+        return to_uint8(generate(model, ae, sched, cfg, n=n, steps=steps, frames=frames, labels=labels, seed=seed,
+                                 device=device, dtype=dtype))
+
+    reconstruct = (lambda x: ae.decode(ae.encode(x)[0])) if ae is not None else None
+    evaluate_run(args, SCRIPT, cfg, path.parent, fake, reconstruct, device)
+
+
 # --- Command line ---
 
 def cli(argv=None):
@@ -676,7 +692,7 @@ def cli(argv=None):
     s.add_argument("--share", default=None, choices=["base", "residual"],
                    help="Figure 1: videos in a grid row share their base (or residual) noise")
     args = parser.parse_args(argv)
-    {"train": train, "sample": sample}[args.command](args)
+    {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
 
 
 if __name__ == "__main__":

