@@ -81,3 +81,19 @@ def find_checkpoint(script: str, run_dir, ckpt=None, stage: str = "diffusion") -
         how = f"python {script}.py train" + ("" if ckpt or Path(run_dir) == default else f" --run {run_dir}")
         raise UserError(f"no checkpoint at {path}: train one first with `{how}`")
     return path
+
+
+def load_state_checked(model: torch.nn.Module, sd: dict, source) -> torch.nn.Module:
+    """load_state_dict that names the first missing, unexpected or misshapen key in one sentence."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for key, value in own.items():
+        if key not in sd:
+            raise UserError(f"{source} has no weight {key!r}: is it the right network's checkpoint?")
+        if tuple(sd[key].shape) != tuple(value.shape):
+            raise UserError(f"{source}: weight {key!r} has shape {tuple(sd[key].shape)}, "
+                            f"expected {tuple(value.shape)}")
+    extra = [k for k in sd if k not in own and not k.endswith("num_batches_tracked")]
+    if extra:
+        raise UserError(f"{source} has an unexpected weight {extra[0]!r}: is it the right network's checkpoint?")
+    model.load_state_dict({k: torch.as_tensor(sd[k]).float() for k in own}, strict=False)
+    return model

