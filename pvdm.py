@@ -28,6 +28,7 @@ so short clips work; EMA updated every step instead of every 25.
     python pvdm.py eval --n 64                             # FVD/KVD, and PSNR/SSIM/R-FVD of the autoencoder
     python pvdm.py train --data ucf101 --data-root DIR --preset ucf256
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,12 +109,9 @@ PRESETS = {
                      sample_every=10_000, save_every=10_000, ae_dim=384, ae_depth=8, ae_heads=8, ae_dim_head=64,
                      proj_depth=4, proj_heads=4, proj_dim_head=48, proj_mlp=512, disc_ch=64, disc_layers=3,
                      ch=256, mult=(1, 2, 4, 4), blocks=2, attn_ds=(1, 2, 4), heads=8, ema_decay=0.9999),
-    "sky256": Config(data="sky", frames=16, resolution=256, patch=8, z_channels=4, steps=850_000, ae_steps=250_000,
-                     gan_steps=14_000, batch_size=64, ae_batch_size=8, lr=1e-4, ae_lr=1e-4, lam=0.2,
-                     sample_every=10_000, save_every=10_000, ae_dim=384, ae_depth=8, ae_heads=8, ae_dim_head=64,
-                     proj_depth=4, proj_heads=4, proj_dim_head=48, proj_mlp=512, disc_ch=64, disc_layers=3,
-                     ch=256, mult=(1, 2, 4, 4), blocks=2, attn_ds=(1, 2, 4), heads=8, ema_decay=0.9999),
 }
+# SkyTimelapse: the same networks, conditional examples with probability 0.2 (research/pvdm.md §2)
+PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky", lam=0.2)
 
 AE_ARCH = ("frames", "resolution", "patch", "ae_dim", "ae_depth", "ae_heads", "ae_dim_head", "proj_depth",
            "proj_heads", "proj_dim_head", "proj_mlp", "z_channels")
@@ -513,9 +511,10 @@ def diffusion_loss(net, sched: Schedule, ae: ProjectedAutoencoder, pair, lam: fl
     target = torch.gather(pair, 2, idx[:, None, :, None, None].expand(B, 3, F_, H, W))
     with torch.no_grad():
         z0 = ae.encode(target)
-        c = ae.encode(pair[:, :, :F_])
-    keep = conditional.float()[:, None, None, None]
-    c = tuple(p * keep for p in c)                                                      # zeros: unconditional
+        c = tuple(torch.zeros_like(p) for p in z0)                                      # zeros: unconditional
+        if conditional.any():                           # encode only the first clips that condition something
+            for p, q in zip(c, ae.encode(pair[conditional, :, :F_])):
+                p[conditional] = q
     shapes = [p.shape[1:] for p in z0]
     x0 = flat(z0)
     t = torch.randint(0, sched.T, (B,), device=pair.device)
