@@ -294,14 +294,18 @@ class PatchGAN(nn.Module):
 
 
 class AdversarialAE(nn.Module):
-    """The autoencoder with its two discriminators: one module, so one checkpoint holds the whole GAN stage."""
+    """The autoencoder with its two discriminators: one module, so one checkpoint holds the whole GAN stage, and
+    its forward is one step's loss, so under DDP every step goes through the wrapper and is synchronised."""
 
     def __init__(self, ae: ProjectedAutoencoder, cfg: Config):
         super().__init__()
         self.ae = ae
         self.d2 = PatchGAN(cfg.disc_ch, cfg.disc_layers, dims=2)
         self.d3 = PatchGAN(cfg.disc_ch, cfg.disc_layers, dims=3)
-        self.calls = 0
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))   # in the checkpoint: resume keeps the phase
+
+    def forward(self, x, cfg: Config, lpips=None):
+        return gan_loss(self, x, cfg, lpips)
 
 
 def random_frame(x, index):
@@ -321,21 +325,25 @@ def ae_loss(ae, x, cfg: Config, lpips=None):
     return out
 
 
+def frozen(module, *args):
+    """module(*args) with its weights detached: gradients reach the inputs, not the weights (so the generator's
+    step leaves the discriminators alone without toggling requires_grad, which DDP does not allow)."""
+    return torch.func.functional_call(module, {k: v.detach() for k, v in module.named_parameters()}, args)
+
+
 def gan_loss(model: AdversarialAE, x, cfg: Config, lpips=None):
     """Alternating every 3 steps, as the official code does:
     autoencoder: reconstruction + (-mean D2(frame) - mean D3(clip)) + 4 L1 feature matching;
-    discriminators: hinge, mean relu(1 - D(real)) + mean relu(1 + D(fake)), for D2 and D3."""
-    train_ae = (model.calls // 3) % 2 == 0
+    discriminators: hinge, mean relu(1 - D(real)) + mean relu(1 + D(fake)), for D2 and D3.
+    Each step leaves the other side's parameters without a gradient, so the optimizer does not move them."""
+    train_ae = (int(model.calls) // 3) % 2 == 0
     model.calls += 1
-    model.ae.requires_grad_(train_ae)                 # parameters left without a gradient are not stepped
-    model.d2.requires_grad_(not train_ae)
-    model.d3.requires_grad_(not train_ae)
     frame = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
     if train_ae:
         out = ae_loss(model.ae, x, cfg, lpips)
         x_hat = out.pop("x_hat")
-        fake2, f2 = model.d2(random_frame(x_hat, frame))
-        fake3, f3 = model.d3(x_hat)
+        fake2, f2 = frozen(model.d2, random_frame(x_hat, frame))
+        fake3, f3 = frozen(model.d3, x_hat)
         with torch.no_grad():
             _, r2 = model.d2(random_frame(x, frame))
             _, r3 = model.d3(x)
@@ -576,8 +584,9 @@ def train(args):
         if "gan" in stages and cfg.gan_steps > 0:
             model = AdversarialAE(ae.train(), cfg).to(run.device)
             ae = train_stage(run, "gan", model, torch.optim.AdamW(model.parameters(), **adam),
-                             lambda net, batch: gan_loss(model, batch["video"], cfg, lpips),
-                             data, steps=cfg.gan_steps, batch_size=cfg.ae_batch_size, **common).ae
+                             lambda net, batch: net(batch["video"], cfg, lpips),
+                             data, steps=cfg.gan_steps, batch_size=cfg.ae_batch_size,
+                             find_unused_parameters=True, **common).ae
         ae.eval().requires_grad_(False)
         held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
                                             split="test", seed=cfg.seed), 16)["video"].to(run.device)

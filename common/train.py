@@ -54,12 +54,14 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
                 loss_fn: Callable, dataset, *, steps: int, batch_size: int, config, must_match: dict,
                 seed: int = 0, ema_decay: Optional[float] = None, grad_clip: Optional[float] = None,
                 sample_fn: Optional[Callable] = None, sample_every: int = 0, save_every: int = 0,
-                log_every: int = 10) -> torch.nn.Module:
+                log_every: int = 10, find_unused_parameters: bool = False) -> torch.nn.Module:
     """Train `model` for `steps` optimizer steps on `dataset`, resuming from <run>/<stage>.pt if it exists.
 
     loss_fn(net, batch) returns the loss, or a dict with "loss" and other scalars to log; `net` is the model as
     wrapped for training (DDP, compile), batch a dict of tensors on the device. Returns the EMA model when
     ema_decay is set, else the model. A stage whose checkpoint has reached `steps` is skipped.
+    Under DDP, gradients are synchronised only for what loss_fn computes through `net`; a model whose steps
+    leave some parameters without a gradient (a GAN's alternating updates) needs find_unused_parameters.
     """
     ckpt_path = run.dir / f"{stage}.pt"
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
@@ -87,7 +89,8 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
 
     net = model
     if run.dist.world > 1:
-        net = DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None)
+        net = DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None,
+                                      find_unused_parameters=find_unused_parameters)
     if run.compile:
         net = torch.compile(net)
     loader = make_loader(dataset, batch_size, seed=seed, start=samples, rank=run.dist.rank, world=run.dist.world)

@@ -2,6 +2,8 @@
 branches, each stage's loss, and clip-autoregressive sampling from the command line."""
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,7 +158,7 @@ def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch(stage):
     def evaluate():
         torch.manual_seed(123)
         if stage == "gan":
-            model.calls = 3                        # a discriminator step: the hinge loss of D2 and D3
+            model.calls.fill_(3)                   # a discriminator step: the hinge loss of D2 and D3
         with torch.no_grad():
             return fn().item()
 
@@ -264,6 +266,40 @@ def test_ucf101_layout_trains(tmp_path):
     pvdm.cli(["train", "--data", "ucf101", "--data-root", str(tmp_path / "ucf"), "--run", str(run),
               "--ae-steps", "2", "--steps", "2", *TINY])
     assert (run / "diffusion.pt").exists()
+
+
+DDP_PROBE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path.cwd()))
+import pvdm
+stage_fn = pvdm.train_stage
+def probe(run, stage, model, *args, **kwargs):
+    out = stage_fn(run, stage, model, *args, **kwargs)
+    flat = [p.detach().double().flatten() for p in model.parameters()]
+    Path(sys.argv[1], f"{stage}.{run.dist.rank}").write_text(repr([float(v.sum()) for v in flat]))
+    return out
+pvdm.train_stage = probe
+pvdm.cli(sys.argv[2:])
+"""
+
+
+def test_every_stage_keeps_the_ranks_in_step_under_torchrun(tmp_path):
+    """Two processes see different clips; DDP must still leave both with the same weights after each stage,
+    including the GAN stage, whose steps leave one side's parameters without a gradient."""
+    import subprocess
+    import sys
+    script = tmp_path / "probe.py"
+    script.write_text(DDP_PROBE)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
+                          str(script), str(tmp_path), "train", "--run", str(tmp_path / "run"), "--device", "cpu",
+                          "--ae-steps", "2", "--gan-steps", "6", "--steps", "2", *TINY],
+                         capture_output=True, text=True, timeout=300, cwd=Path(pvdm.__file__).parent,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in ("ae", "gan", "diffusion"):
+        assert (tmp_path / f"{stage}.0").read_text() == (tmp_path / f"{stage}.1").read_text(), stage
+    assert int(torch.load(tmp_path / "run" / "gan.pt", weights_only=False)["model"]["calls"]) == 6
 
 
 def test_user_mistakes_are_refused_in_one_sentence(tmp_path):
