@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import UserError, build_parser, config_from_args, flag, main
+from common.cli import UserError, build_parser, check_steps, config_from_args, flag, main
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample
 from common.evaluate import evaluate_run
@@ -658,12 +658,6 @@ def load_for_sampling(args, device):
     unet = PlaneUNet(cfg).to(device)
     unet.load_state_dict(ckpt["ema"]["model"])
     return cfg, Schedule.make(cfg.schedule, cfg.timesteps), unet.eval(), load_ae(path.parent, cfg, device), path
-
-
-def check_steps(sched, *counts):
-    for name, k in counts:
-        if not 1 <= k <= sched.T:
-            raise UserError(f"{name} must be between 1 and the schedule's {sched.T} steps, got {k}")
 
 
 def sample(args):

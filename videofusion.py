@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import UserError, build_parser, config_from_args, flag, main
+from common.cli import UserError, build_parser, check_steps, config_from_args, flag, main
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
 from common.evaluate import evaluate_run
@@ -638,8 +638,7 @@ def load_for_sampling(args, device):
 def sample(args):
     device = pick_device(args.device)
     cfg, sched, model, ae, path = load_for_sampling(args, device)
-    if not 1 <= args.steps <= sched.T:
-        raise UserError(f"--steps must be between 1 and the schedule's {sched.T} steps, got {args.steps}")
+    check_steps(sched, ("--steps", args.steps))
     labels = None
     if model.num_classes:
         if args.label is not None and not 0 <= args.label < model.num_classes:
@@ -669,6 +668,7 @@ def evaluate(args):
     cfg, sched, model, ae, path = load_for_sampling(args, device)
     dtype = pick_precision(args.precision, device)
     steps = args.steps or 100
+    check_steps(sched, ("--steps", steps))
 
     def fake(n, frames, seed):
         labels = torch.arange(seed, seed + n) % model.num_classes if model.num_classes else None

@@ -55,6 +55,13 @@ def config_from_args(config_cls, presets, args):
     return dataclasses.replace(presets[args.preset], **overrides)
 
 
+def check_steps(sched, *counts):
+    """Each (flag, count) pair names a number of sampling steps, which must lie between 1 and the schedule's T."""
+    for name, k in counts:
+        if not 1 <= k <= sched.T:
+            raise UserError(f"{name} must be between 1 and the schedule's {sched.T} steps, got {k}")
+
+
 def main(run: Callable[[], None]):
     """Run a command; a UserError becomes `error: ...` on stderr and exit status 2, nothing else is caught."""
     try:

@@ -246,6 +246,13 @@ def test_sample_with_no_frames_flag_writes_two_clips(trained, tmp_path):
     assert (tmp_path / "grid.gif").exists() and len(list(tmp_path.glob("video_*.mp4"))) == 3
 
 
+@pytest.mark.parametrize("argv", [["sample", "--cond-steps", "0"], ["sample", "--steps", "5000"],
+                                  ["eval", "--steps", "1001"]])
+def test_step_counts_outside_the_schedule_are_refused(trained, argv):
+    with pytest.raises(UserError, match="must be between 1 and the schedule's 1000 steps"):
+        pvdm.cli([*argv, "--run", str(trained)])
+
+
 def test_resume_skips_finished_stages(trained, capsys):
     pvdm.cli(["train", "--run", str(trained), "--ae-steps", "3", "--gan-steps", "2", "--steps", "3", *TINY])
     out = capsys.readouterr().out

@@ -238,6 +238,12 @@ def test_eval_reports_fvd_and_kvd_against_the_training_data(trained, capsys):
     assert saved["fvd"] > 0 and np.isfinite(saved["kvd"]) and saved["real"] == "synthetic"
 
 
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_step_counts_outside_the_schedule_are_refused(trained, command):
+    with pytest.raises(UserError, match="--steps must be between 1 and the schedule's 1000 steps, got 5000"):
+        vf.cli([command, "--steps", "5000", "--run", str(trained)])
+
+
 def test_resume_continues_the_step_count(tmp_path, capsys):
     run = tmp_path / "run"
     vf.cli(["train", "--run", str(run), "--steps", "2", "--base-steps", "0", *TINY])
