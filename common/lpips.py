@@ -58,8 +58,8 @@ class LPIPS(nn.Module):
 
 def vgg_path(path=None):
     """The VGG-16 file: `path`, $VIDIFF_VGG16, or torch hub's cache where torchvision downloads it."""
-    candidates = [path, os.environ.get("VIDIFF_VGG16"),
-                  Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints" / VGG_FILE]
+    hub = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
+    candidates = [path, os.environ.get("VIDIFF_VGG16"), hub / VGG_FILE]
     for c in candidates:
         if c and Path(c).exists():
             return Path(c)

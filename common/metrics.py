@@ -1,4 +1,4 @@
-"""The numbers papers report: FVD, KVD, IS, and PSNR / SSIM for autoencoders (research/metrics.md).
+"""The numbers papers report: FVD, KVD, IS, and PSNR / SSIM for autoencoders.
 
 Features come from `common.i3d` (FVD, KVD) and `common.c3d` (IS); this file holds the maths on them, feature
 extraction with a progress bar, and the on-disk cache of real-data features.
@@ -19,7 +19,8 @@ from common.video import atomic_write
 # --- Distances between feature sets ---
 
 def gaussian_stats(feats: np.ndarray):
-    """Mean and biased covariance (divided by N) in float64, StyleGAN-V's convention (research/metrics.md §1)."""
+    """Mean and biased covariance (divided by N) in float64, StyleGAN-V's convention
+    (src/metrics/frechet_video_distance.py)."""
     x = np.asarray(feats, dtype=np.float64)
     mu = x.mean(axis=0)
     return mu, x.T @ x / len(x) - np.outer(mu, mu)
@@ -38,7 +39,8 @@ def frechet_distance(feats1: np.ndarray, feats2: np.ndarray) -> float:
 
 def kernel_distance(x: np.ndarray, y: np.ndarray) -> float:
     """KVD: the unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / d + 1)^3, over the full sets,
-    no subsets and no x1000 (TATS / DIGAN / LVDM; research/metrics.md §3)."""
+    no subsets and no x1000 (TATS tats/fvd/fvd.py, DIGAN src/scripts/compute_fvd_kvd.py, LVDM
+    scripts/fvd_utils/fvd_utils.py)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     m, n, d = len(x), len(y), x.shape[1]
     kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3

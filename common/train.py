@@ -5,7 +5,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,15 @@ class Run:
             tqdm.write(" ".join(str(m) for m in msg))
 
 
+def _restore_rng(run: Run, state: dict, seed: int, step: int):
+    """Rank 0 continues the RNG stream saved in a checkpoint; other ranks draw their own noise, from a seed made of
+    (seed, rank, step)."""
+    if run.dist.is_main:
+        set_rng_state(state)
+    else:
+        seed_everything(seed * 1_000_003 + run.dist.rank * 1009 + step)
+
+
 def _to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -54,12 +63,16 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
                 loss_fn: Callable, dataset, *, steps: int, batch_size: int, config, must_match: dict,
                 seed: int = 0, ema_decay: Optional[float] = None, grad_clip: Optional[float] = None,
                 sample_fn: Optional[Callable] = None, sample_every: int = 0, save_every: int = 0,
-                log_every: int = 10, find_unused_parameters: bool = False) -> torch.nn.Module:
+                log_every: int = 10, find_unused_parameters: bool = False, accumulate: int = 1,
+                clip_params: Optional[Callable] = None, follows: Sequence[str] = ()) -> torch.nn.Module:
     """Train `model` for `steps` optimizer steps on `dataset`, resuming from <run>/<stage>.pt if it exists.
 
     loss_fn(net, batch) returns the loss, or a dict with "loss" and other scalars to log; `net` is the model as
     wrapped for training (DDP, compile), batch a dict of tensors on the device. Returns the EMA model when
     ema_decay is set, else the model. A stage whose checkpoint has reached `steps` is skipped.
+    Each optimizer step accumulates the gradients of `accumulate` batches. grad_clip clips the norm of
+    clip_params(model) (default: all parameters). A stage that starts afresh continues the RNG stream saved by the
+    last finished stage of `follows`, so stages run one command at a time draw what one `train` would have drawn.
     Under DDP, gradients are synchronised only for what loss_fn computes through `net`; a model whose steps
     leave some parameters without a gradient (a GAN's alternating updates) needs find_unused_parameters.
     """
@@ -77,8 +90,14 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         step, samples, resume_rng = ckpt["step"], ckpt["samples"], ckpt["rng"]
         if step >= steps:
             run.print(f"{stage}: finished at step {step} ({ckpt_path}); skipping")
+            _restore_rng(run, resume_rng, seed, step)   # the next stage draws what it would have drawn after this one
             return (ema.model if ema else model).eval()
         run.print(f"{stage}: resuming from step {step} ({ckpt_path})")
+    else:
+        before = [run.dir / f"{name}.pt" for name in follows if (run.dir / f"{name}.pt").exists()]
+        if before:
+            previous = load_checkpoint(before[-1], run.script, map_location="cpu")
+            _restore_rng(run, previous["rng"], seed, previous["step"])
 
     def save():
         if run.dist.is_main:
@@ -95,30 +114,32 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         net = torch.compile(net)
     loader = make_loader(dataset, batch_size, seed=seed, start=samples, rank=run.dist.rank, world=run.dist.world)
     if step > 0:   # restored last: building the loader above draws from the global RNG
-        if run.dist.is_main:
-            set_rng_state(resume_rng)
-        else:   # other ranks draw their own noise: a seed from (seed, rank, step)
-            seed_everything(seed * 1_000_003 + run.dist.rank * 1009 + step)
+        _restore_rng(run, resume_rng, seed, step)
     model.train()
     bar = tqdm(total=steps, initial=step, desc=stage, disable=not run.dist.is_main, dynamic_ncols=True)
     while step < steps:
-        batch = _to_device(next(loader), run.device)
-        with autocast(run.device, run.dtype):
-            out = loss_fn(net, batch)
-        out = out if isinstance(out, dict) else {"loss": out}
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(out["loss"]).backward()
+        totals = {}
+        for _ in range(accumulate):
+            batch = _to_device(next(loader), run.device)
+            with autocast(run.device, run.dtype):
+                out = loss_fn(net, batch)
+            out = out if isinstance(out, dict) else {"loss": out}
+            scaler.scale(out["loss"] / accumulate).backward()
+            for k, v in out.items():   # the step's scalars are means over its batches
+                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / accumulate
         if grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(list(clip_params(model) if clip_params else model.parameters()),
+                                           grad_clip)
         scaler.step(optimizer)
         scaler.update()
         if ema:
             ema.update(model)
         step += 1
-        samples += batch_size * run.dist.world
+        samples += batch_size * accumulate * run.dist.world
         if step % log_every == 0 or step == steps:
-            logged = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+            logged = {k: float(v) for k, v in totals.items()}
             if run.dist.world > 1:   # the mean over ranks, so the log does not depend on the world size
                 vals = torch.tensor(list(logged.values()), device=run.device)
                 dist.all_reduce(vals)

@@ -5,8 +5,9 @@
     python -m eval.fvd --real sky:/data/sky --fake long.npz --curve      # FVD of every 16-frame window
 
 --real and --fake each take a samples.npz, a folder of videos (or frame folders), or a dataset spec name[:root].
-The protocol is StyleGAN-V's (research/metrics.md §1): N videos a side (2048 in papers), 16 frames, frames resized
-to 224x224, I3D Kinetics-400 logits, Fréchet distance in float64; KVD is TATS's unbiased cubic-kernel MMD^2.
+The protocol is StyleGAN-V's (src/metrics/frechet_video_distance.py): N videos a side (2048 in papers), 16
+frames, frames resized to 224x224, I3D Kinetics-400 logits, Fréchet distance in float64; KVD is TATS's unbiased
+cubic-kernel MMD^2.
 """
 import argparse
 

