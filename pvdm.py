@@ -42,12 +42,15 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import UserError, build_parser, check_steps, config_from_args, flag, main
+from common.cli import build_parser, check_steps, config_from_args, eval_settings, flag, main
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample
+from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.gan import PatchGAN, feature_matching, frozen, generator_turn, hinge_d_loss, hinge_g_loss
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
+from common.nn import norm, timestep_embedding, zero
 from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
 from common.train import Run, train_stage
 from common.video import make_grid, to_uint8, write_gif, write_samples
@@ -120,6 +123,8 @@ PRESETS = {
 # SkyTimelapse: the same networks, conditional examples with probability 0.2 (official exps/diffusion.py)
 PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky", lam=0.2)
 
+STAGES = ("ae", "gan", "diffusion")   # `train` runs them in this order; gan only with --gan-steps > 0
+
 AE_ARCH = ("frames", "resolution", "patch", "ae_dim", "ae_depth", "ae_heads", "ae_dim_head", "proj_depth",
            "proj_heads", "proj_dim_head", "proj_mlp", "z_channels")
 ARCH = AE_ARCH + ("disc_ch", "disc_layers", "ch", "mult", "blocks", "attn_ds", "heads", "schedule", "timesteps")
@@ -129,10 +134,7 @@ ARCH = AE_ARCH + ("disc_ch", "disc_layers", "ch", "mult", "blocks", "attn_ds", "
 
 def sincos(n: int, dim: int, device) -> torch.Tensor:
     """Sinusoidal codes of positions 0..n-1, (n, dim): any length works, unlike a learned table."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=device, dtype=torch.float32) / half)
-    args = torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs[None]
-    return torch.cat([args.sin(), args.cos()], dim=-1)
+    return timestep_embedding(torch.arange(n, device=device), dim)
 
 
 class Attention(nn.Module):
@@ -251,16 +253,16 @@ class ProjectedAutoencoder(nn.Module):
         self.check(x)
         B, _, T, H, W = x.shape
         tokens = self.embed(rearrange(x, "b c t h w -> (b t) c h w"))                 # (B*T, D, h, w)
-        e = rearrange(tokens, "(b t) d h w -> b t h w d", b=B)
-        e = e + position_codes(*e.shape[1:4], e.shape[-1], x.device)
+        u = rearrange(tokens, "(b t) d h w -> b t h w d", b=B)
+        u = u + position_codes(*u.shape[1:4], u.shape[-1], x.device)
         for block in self.encoder:
-            e = block(e)
-        e = self.enc_norm(e)                                                            # (B, T, h, w, D)
-        h, w = e.shape[2:4]
+            u = block(u)
+        u = self.enc_norm(u)                                                            # (B, T, h, w, D)
+        h, w = u.shape[2:4]
         # z_s = f_s(u): attend over time at each (h, w);  z_h: over height at each (t, w);  z_w: over width
-        z_s = rearrange(self.proj_s(rearrange(e, "b t h w d -> (b h w) t d")), "(b h w) c -> b c h w", b=B, h=h)
-        z_h = rearrange(self.proj_h(rearrange(e, "b t h w d -> (b t w) h d")), "(b t w) c -> b c t w", b=B, t=T)
-        z_w = rearrange(self.proj_w(rearrange(e, "b t h w d -> (b t h) w d")), "(b t h) c -> b c t h", b=B, t=T)
+        z_s = rearrange(self.proj_s(rearrange(u, "b t h w d -> (b h w) t d")), "(b h w) c -> b c h w", b=B, h=h)
+        z_h = rearrange(self.proj_h(rearrange(u, "b t h w d -> (b t w) h d")), "(b t w) c -> b c t w", b=B, t=T)
+        z_w = rearrange(self.proj_w(rearrange(u, "b t h w d -> (b t h) w d")), "(b t h) c -> b c t h", b=B, t=T)
         return z_s, z_h, z_w
 
     def decode(self, z):
@@ -287,40 +289,7 @@ def latent_size(z) -> int:
     return sum(p[0].numel() for p in z)
 
 
-# --- Autoencoder losses: L1 + LPIPS, then hinge GAN with a 2D and a 3D PatchGAN ---
-
-class PatchGAN(nn.Module):
-    """Isola et al.'s PatchGAN with batch norm, laid out as the official discriminators (kernel 4, padding 2,
-    weights N(0, 0.02), batch-norm scales N(1, 0.02)); 2D on one frame, or 3D on the clip with a time kernel of 3
-    and stride 1 (the official 3D one strides time too, which needs 16+ frames). Returns the logits and the
-    features of every layer (for feature matching)."""
-
-    def __init__(self, ch, layers, dims):
-        super().__init__()
-        conv, bn = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
-        k, s, p = (4, 2, 2) if dims == 2 else ((3, 4, 4), (1, 2, 2), (1, 2, 2))
-        mods, c = [nn.Sequential(conv(3, ch, k, s, p), nn.LeakyReLU(0.2))], ch
-        for i in range(1, layers + 1):            # `layers` halvings in all, then a stride-1 layer
-            cout = ch * min(2 ** i, 8)
-            mods.append(nn.Sequential(conv(c, cout, k, s if i < layers else 1, p, bias=False), bn(cout),
-                                      nn.LeakyReLU(0.2)))
-            c = cout
-        mods.append(conv(c, 1, k, 1, p))          # a logit per patch
-        self.layers = nn.ModuleList(mods)
-        for m in self.modules():
-            if isinstance(m, conv):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, bn):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        feats = []
-        for layer in self.layers:
-            x = layer(x)
-            feats.append(x)
-        return x, feats[:-1]
-
+# --- Autoencoder losses: L1 + LPIPS, then hinge GAN with a 2D and a 3D PatchGAN (common/gan.py) ---
 
 class AdversarialAE(nn.Module):
     """The autoencoder with its two discriminators: one module, so one checkpoint holds the whole GAN stage, and
@@ -329,8 +298,10 @@ class AdversarialAE(nn.Module):
     def __init__(self, ae: ProjectedAutoencoder, cfg: Config):
         super().__init__()
         self.ae = ae
-        self.d2 = PatchGAN(cfg.disc_ch, cfg.disc_layers, dims=2)
-        self.d3 = PatchGAN(cfg.disc_ch, cfg.disc_layers, dims=3)
+        # the official discriminators: kernel 4, padding 2; the 3D one keeps the time axis (kernel 3, stride 1:
+        # the official one strides time too, which needs 16+ frames)
+        self.d2 = PatchGAN(2, cfg.disc_ch, cfg.disc_layers, kernel=4, stride=2, padding=2)
+        self.d3 = PatchGAN(3, cfg.disc_ch, cfg.disc_layers, kernel=(3, 4, 4), stride=(1, 2, 2), padding=(1, 2, 2))
         # batches seen, in the checkpoint so that a resumed run keeps its phase (see gan_loss)
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
@@ -344,55 +315,46 @@ def random_frame(x, index):
 
 
 def ae_loss(ae, x, cfg: Config, lpips=None):
-    """4 L1(x, x_hat) on the clip + 4 LPIPS on one random frame per clip (official losses/perceptual.py)."""
+    """4 L1(x, x_hat) on the clip + 4 LPIPS on one random frame per clip (official losses/perceptual.py).
+    Returns the losses and x_hat (which the GAN stage reuses)."""
     x_hat = ae(x)
     l1 = (x_hat - x).abs().mean()
-    out = {"loss": cfg.l1_weight * l1, "l1": l1, "x_hat": x_hat}
+    out = {"loss": cfg.l1_weight * l1, "l1": l1}
     if lpips is not None:
         frame = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
         p = lpips(random_frame(x_hat, frame).float(), random_frame(x, frame).float()).mean()
         out["loss"], out["lpips"] = out["loss"] + cfg.lpips_weight * p, p
-    return out
-
-
-def frozen(module, *args):
-    """module(*args) with its weights detached: gradients reach the inputs, not the weights (so the generator's
-    step leaves the discriminators alone without toggling requires_grad, which DDP does not allow)."""
-    return torch.func.functional_call(module, {k: v.detach() for k, v in module.named_parameters()}, args)
+    return out, x_hat
 
 
 GAN_ACCUMULATE = 3   # batches per optimizer step in the GAN stage (the official trainer's accum_iter)
 
 
 def gan_loss(model: AdversarialAE, x, cfg: Config, lpips=None):
-    """One batch of the GAN stage. As in the official trainer, each optimizer step accumulates GAN_ACCUMULATE
-    batches and the steps alternate 1:1 between the autoencoder and the discriminators (official
-    losses/perceptual.py):
+    """One batch of the GAN stage (official losses/perceptual.py). Each optimizer step accumulates
+    GAN_ACCUMULATE batches and the steps alternate 1:1 between the autoencoder and the discriminators:
     autoencoder:    reconstruction - mean D2(frame) - mean D3(clip) + 4 sum_layers L1(D_l(x_hat), D_l(x)),
-                    feature matching summed over every intermediate layer of both discriminators;
+                    feature matching over every intermediate layer of both discriminators;
     discriminators: hinge, 1/2 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))), for D2 plus D3.
     Each step leaves the other side's parameters without a gradient, so the optimizer does not move them."""
-    train_ae = (int(model.calls) // GAN_ACCUMULATE) % 2 == 0
+    train_ae = generator_turn(int(model.calls), GAN_ACCUMULATE)
     model.calls += 1
     frame = torch.randint(0, x.shape[2], (x.shape[0],), device=x.device)
     if train_ae:
-        out = ae_loss(model.ae, x, cfg, lpips)
-        x_hat = out.pop("x_hat")
+        out, x_hat = ae_loss(model.ae, x, cfg, lpips)
         fake2, f2 = frozen(model.d2, random_frame(x_hat, frame))
         fake3, f3 = frozen(model.d3, x_hat)
         with torch.no_grad():
             _, r2 = model.d2(random_frame(x, frame))
             _, r3 = model.d3(x)
-        fm = sum((a - b).abs().mean() for a, b in zip(f2 + f3, r2 + r3))
-        g = -fake2.mean() - fake3.mean()
+        fm = feature_matching(f2 + f3, r2 + r3, "l1")
+        g = hinge_g_loss(fake2) + hinge_g_loss(fake3)
         out["loss"] = out["loss"] + g + cfg.fm_weight * fm
         return {**out, "g": g, "fm": fm}
     with torch.no_grad():
         x_hat = model.ae(x)
-    real2, fake2 = model.d2(random_frame(x, frame))[0], model.d2(random_frame(x_hat, frame))[0]
-    real3, fake3 = model.d3(x)[0], model.d3(x_hat)[0]
-    d = 0.5 * (F.relu(1 - real2).mean() + F.relu(1 + fake2).mean()) \
-        + 0.5 * (F.relu(1 - real3).mean() + F.relu(1 + fake3).mean())
+    d = (hinge_d_loss(model.d2(random_frame(x, frame))[0], model.d2(random_frame(x_hat, frame))[0])
+         + hinge_d_loss(model.d3(x)[0], model.d3(x_hat)[0]))
     return {"loss": d, "d": d}
 
 
@@ -402,17 +364,6 @@ def discriminator_params(model: AdversarialAE):
 
 
 # --- §3.2 The denoiser: a 2D U-Net shared by the three planes, with cross-plane attention ---
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer steps t (B,) -> (B, dim)."""
-    freqs = torch.exp(-math.log(10_000.0) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=-1)
-
-
-def norm(ch):
-    return nn.GroupNorm(math.gcd(32, ch), ch)          # GroupNorm32 where the width allows
-
 
 class ResBlock(nn.Module):
     """ADM's residual block with scale-shift norm, h = GN(h) * (1 + scale(t)) + shift(t); with resample
@@ -425,8 +376,7 @@ class ResBlock(nn.Module):
         self.in_conv = nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
         self.out_norm = norm(cout)
-        self.out = nn.Sequential(nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
-        nn.init.zeros_(self.out[1].weight), nn.init.zeros_(self.out[1].bias)
+        self.out = nn.Sequential(nn.SiLU(), zero(nn.Conv2d(cout, cout, 3, padding=1)))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def scale(self, x):
@@ -446,8 +396,7 @@ class Attention2D(nn.Module):
     def __init__(self, ch, heads):
         super().__init__()
         self.norm, self.heads = norm(ch), heads
-        self.qkv, self.out = nn.Conv1d(ch, 3 * ch, 1), nn.Conv1d(ch, ch, 1)
-        nn.init.zeros_(self.out.weight), nn.init.zeros_(self.out.bias)
+        self.qkv, self.out = nn.Conv1d(ch, 3 * ch, 1), zero(nn.Conv1d(ch, ch, 1))
 
     def attend(self, x):                                          # x (N, C, L)
         q, k, v = rearrange(self.qkv(self.norm(x)), "n (three h d) l -> three n h l d", three=3, h=self.heads)
@@ -516,8 +465,7 @@ class PlaneUNet(nn.Module):
                     layers.append(ResBlock(c, c, E, resample="up"))
                     ds //= 2
                 self.up.append(Block(layers, c, cfg.heads))
-        self.out = nn.Sequential(norm(c), nn.SiLU(), nn.Conv2d(c, C, 3, padding=1))
-        nn.init.zeros_(self.out[2].weight), nn.init.zeros_(self.out[2].bias)
+        self.out = nn.Sequential(norm(c), nn.SiLU(), zero(nn.Conv2d(c, C, 3, padding=1)))
 
     def forward(self, z_t, cond, t):
         """z_t, cond: triples of planes (B, C, ., .); t (B,). Returns the predicted noise as a triple."""
@@ -553,20 +501,20 @@ def diffusion_loss(net, sched: Schedule, ae: ProjectedAutoencoder, pair, lam: fl
     as the official code does it: each pair of clips is a conditional example with probability lam, else an
     unconditional example on a random window of the pair (so every frame position is a first clip too)."""
     B, _, T2, H, W = pair.shape
-    F_ = T2 // 2
+    T = T2 // 2
     conditional = torch.rand(B, device=pair.device) < lam
-    start = torch.randint(0, F_ + 1, (B,), device=pair.device)
-    start = torch.where(conditional, torch.full_like(start, F_), start)                # clip 2 when conditional
-    idx = start[:, None] + torch.arange(F_, device=pair.device)[None]                  # (B, F)
-    target = torch.gather(pair, 2, idx[:, None, :, None, None].expand(B, 3, F_, H, W))
+    start = torch.randint(0, T + 1, (B,), device=pair.device)
+    start = torch.where(conditional, torch.full_like(start, T), start)                # clip 2 when conditional
+    idx = start[:, None] + torch.arange(T, device=pair.device)[None]                  # (B, T)
+    target = torch.gather(pair, 2, idx[:, None, :, None, None].expand(B, 3, T, H, W))
     with torch.no_grad():
         z0 = ae.encode(target)
         c = tuple(torch.zeros_like(p) for p in z0)                                      # zeros: unconditional
         if conditional.any():                           # encode only the first clips that condition something
-            for p, q in zip(c, ae.encode(pair[conditional, :, :F_])):
+            for p, q in zip(c, ae.encode(pair[conditional, :, :T])):
                 p[conditional] = q
     shapes = [p.shape[1:] for p in z0]
-    x0 = flat(z0)
+    x0 = flat(z0).float()                            # the schedule's maths in float32 (bf16 under autocast)
     t = torch.randint(0, sched.T, (B,), device=pair.device)
     eps = torch.randn_like(x0)
     z_t = unflat(sched.q_sample(x0, t, eps), shapes)
@@ -600,49 +548,58 @@ def load_ae(run_dir, cfg, device):
     return ae.eval().requires_grad_(False)
 
 
-def train(args):
-    cfg = config_from_args(Config, PRESETS, args)
+def check_config(cfg: Config):
+    """Mistakes the flags alone reveal, reported before any data is read."""
     if not 0 <= cfg.lam <= 1:
         raise UserError(f"--lam is a probability, between 0 and 1; got {cfg.lam}")
     if cfg.resolution % cfg.patch:
         raise UserError(f"--resolution {cfg.resolution} is not divisible by --patch {cfg.patch}")
+
+
+def report_reconstruction(run: Run, cfg: Config):
+    """The held-out PSNR of the autoencoder that the diffusion stage will use: a quick check before it starts."""
+    held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
+                                        split="test", seed=cfg.seed), 16)["video"].to(run.device)
+    with torch.no_grad():
+        rec = load_ae(run.dir, cfg, run.device)(held_out)
+    run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 16 held-out clips")
+
+
+def train(args):
+    cfg = config_from_args(Config, PRESETS, args)
+    check_config(cfg)
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
-    run = Run.start(SCRIPT, args, cfg)
+    run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
+                    precision=args.precision, compile=args.compile)
     ae, unet = ProjectedAutoencoder(cfg).to(run.device), PlaneUNet(cfg).to(run.device)
     report_sizes(cfg, ae, unet, run.print)
-    common = dict(config=cfg, must_match={k: getattr(cfg, k) for k in ARCH}, seed=cfg.seed,
-                  grad_clip=cfg.grad_clip, save_every=cfg.save_every)
-    stages = ("ae", "gan", "diffusion") if args.stage == "all" else (args.stage,)
+    every_stage = dict(config=cfg, must_match={k: getattr(cfg, k) for k in ARCH}, seed=cfg.seed,
+                       grad_clip=cfg.grad_clip, save_every=cfg.save_every)
+    stages = STAGES if args.stage == "all" else (args.stage,)
     adam = dict(lr=cfg.ae_lr, betas=(0.5, 0.9))
+    lpips = perceptual_loss_or_none(run.device) if "ae" in stages or "gan" in stages else None
 
-    # stage 1: the projected autoencoder, L1 + LPIPS (the official base.yaml)
+    # stage 1: the projected autoencoder, 4 L1 + 4 LPIPS (official configs/autoencoder/base.yaml)
+    if "ae" in stages:
+        train_stage(run, "ae", ae, torch.optim.AdamW(ae.parameters(), **adam),
+                    lambda net, batch: ae_loss(net, batch["video"], cfg, lpips)[0],
+                    data, steps=cfg.ae_steps, batch_size=cfg.ae_batch_size, **every_stage)
+
+    # stage 1b (--gan-steps): adversarial fine-tuning from the stage-1 weights (official base_gan.yaml)
+    if "gan" in stages and cfg.gan_steps > 0:
+        model = AdversarialAE(load_ae(run.dir, cfg, run.device).train().requires_grad_(True), cfg).to(run.device)
+        train_stage(run, "gan", model, torch.optim.AdamW(model.parameters(), **adam),
+                    lambda net, batch: net(batch["video"], cfg, lpips),
+                    data, steps=cfg.gan_steps, batch_size=cfg.ae_batch_size, find_unused_parameters=True,
+                    accumulate=GAN_ACCUMULATE, clip_params=discriminator_params, follows=("ae",),
+                    **{**every_stage, "grad_clip": cfg.disc_grad_clip})
+
     if "ae" in stages or "gan" in stages:
-        lpips = perceptual_loss_or_none(run.device)
-        ae = train_stage(run, "ae", ae, torch.optim.AdamW(ae.parameters(), **adam),
-                         lambda net, batch: {k: v for k, v in ae_loss(net, batch["video"], cfg, lpips).items()
-                                             if k != "x_hat"},
-                         data, steps=cfg.ae_steps, batch_size=cfg.ae_batch_size, **common)
-        # stage 1b: the adversarial fine-tuning (base_gan.yaml), when asked for
-        if "gan" in stages and cfg.gan_steps > 0:
-            model = AdversarialAE(ae.train(), cfg).to(run.device)
-            ae = train_stage(run, "gan", model, torch.optim.AdamW(model.parameters(), **adam),
-                             lambda net, batch: net(batch["video"], cfg, lpips),
-                             data, steps=cfg.gan_steps, batch_size=cfg.ae_batch_size,
-                             find_unused_parameters=True, accumulate=GAN_ACCUMULATE, clip_params=discriminator_params,
-                             follows=("ae",),
-                             **{**common, "grad_clip": cfg.disc_grad_clip}).ae
-        ae.eval().requires_grad_(False)
-        held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
-                                            split="test", seed=cfg.seed), 16)["video"].to(run.device)
-        with torch.no_grad():
-            rec = ae(held_out)
-        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 16 held-out "
-                  f"clips")
+        report_reconstruction(run, cfg)
 
     # stage 2: the diffusion model on pairs of consecutive clips
     if "diffusion" in stages:
-        if args.stage == "diffusion":
-            ae = load_ae(run.dir, cfg, run.device)
+        ae = load_ae(run.dir, cfg, run.device)          # frozen: gan.pt when the adversarial stage ran, else ae.pt
         pairs = make_dataset(cfg.data, cfg.data_root, frames=2 * cfg.frames, resolution=cfg.resolution,
                              seed=cfg.seed)
         sched = Schedule.make(cfg.schedule, cfg.timesteps)
@@ -655,7 +612,8 @@ def train(args):
         ema = train_stage(run, "diffusion", unet, torch.optim.AdamW(unet.parameters(), lr=cfg.lr),
                           lambda net, batch: diffusion_loss(net, sched, ae, batch["video"], cfg.lam),
                           pairs, steps=cfg.steps, batch_size=cfg.batch_size, ema_decay=cfg.ema_decay,
-                          sample_fn=sample_gif, sample_every=cfg.sample_every, follows=("ae", "gan"), **common)
+                          sample_fn=sample_gif, sample_every=cfg.sample_every, follows=("ae", "gan"),
+                          **every_stage)
         if run.dist.is_main:
             videos, _ = generate(ema, ae, sched, cfg, n=8, frames=2 * cfg.frames, steps=100, cond_steps=20,
                                  device=run.device, dtype=run.dtype, progress=True)
@@ -672,13 +630,16 @@ def generate(unet: PlaneUNet, ae: ProjectedAutoencoder, sched: Schedule, cfg: Co
     """Alg. 1: clip 1 from noise with the zero condition (`steps` DDIM steps); clip l > 1 conditioned on clip
     l-1's sampled latent z_0^{l-1} (`cond_steps`), no decode / re-encode in between; each clip decoded on its
     own. Returns videos (n, 3, frames, H, W) in [-1, 1] and the list of clip latents (flat)."""
-    F_, h = cfg.frames, cfg.resolution // cfg.patch
-    shapes = [(cfg.z_channels, h, h), (cfg.z_channels, F_, h), (cfg.z_channels, F_, h)]
+    T, h = cfg.frames, cfg.resolution // cfg.patch
+    shapes = [(cfg.z_channels, h, h), (cfg.z_channels, T, h), (cfg.z_channels, T, h)]
     g = torch.Generator(device=device).manual_seed(seed)
-    noise = lambda x: torch.randn(x.shape, generator=g, device=device)                  # noqa: E731
+
+    def noise(x):
+        return torch.randn(x.shape, generator=g, device=device)
+
     cond = torch.zeros(n, cfg.z_channels, sum(a * b for _, a, b in shapes), device=device)
     clips, latents = [], []
-    for clip in range(math.ceil(frames / F_)):
+    for clip in range(math.ceil(frames / T)):
         c = unflat(cond, shapes)
 
         def eps_fn(z, t):
@@ -736,13 +697,14 @@ def evaluate(args):
                                  eta=args.eta, seed=seed, device=device, dtype=dtype)[0])
 
     sampler = {"steps": steps, "cond_steps": args.cond_steps, "eta": args.eta}
-    evaluate_run(args, SCRIPT, cfg, path.parent, fake, ae, device, frames=frames, sampler=sampler)
+    evaluate_run(SCRIPT, cfg, path.parent, fake, frames=frames, device=device, reconstruct=ae, sampler=sampler,
+                 **eval_settings(args, cfg))
 
 
 # --- Command line ---
 
 def cli(argv=None):
-    parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", "ae", "gan", "diffusion"))
+    parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
     sub["sample"].set_defaults(steps=100)
     for p in (sub["sample"], sub["eval"]):
         p.add_argument("--cond-steps", type=int, default=20,

@@ -30,7 +30,7 @@ perceptual or adversarial loss).
     python videofusion.py train --data ucf101 --data-root DIR --preset ucf64
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -40,12 +40,14 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import UserError, build_parser, check_steps, config_from_args, flag, main
-from common.data import DATASETS, fixed_batch, make_dataset
+from common.cli import build_parser, check_steps, config_from_args, eval_settings, flag, main
+from common.data import DATASETS, LABELLED, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
+from common.errors import UserError
 from common.evaluate import evaluate_run
 from common.metrics import psnr
-from common.run import count_params, fmt_params, pick_device, pick_precision, autocast
+from common.nn import norm, timestep_embedding, zero
+from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
 from common.train import Run, train_stage
 from common.video import grid_columns, make_grid, to_uint8, write_gif, write_samples
 
@@ -93,6 +95,7 @@ class Config:
     ae_factor: int = 4              # spatial downsampling of the latent autoencoder
     z_channels: int = 4
     timesteps: int = 1000
+    num_classes: int = 0            # set from the data by `train` (0 when unconditional): rebuilding the model needs it
     ema_decay: float = 0.999
     grad_clip: float = 1.0
 
@@ -112,10 +115,12 @@ PRESETS = {
                      ema_decay=0.9999, ae_ch=64),
 }
 
+STAGES = ("ae", "base-pretrain", "diffusion")   # `train` runs them in this order; ae only with --space latent
+
 # what a checkpoint's config must share with the current one to be loadable
-ARCH = ("frames", "resolution", "space", "lam", "schedule", "timesteps", "class_cond", "base_ch", "base_mult",
-        "base_blocks", "res_ch", "res_mult", "res_blocks", "attn_res", "temporal_res", "heads", "ae_ch", "ae_factor",
-        "z_channels")
+ARCH = ("frames", "resolution", "space", "lam", "schedule", "timesteps", "class_cond", "num_classes", "base_ch",
+        "base_mult", "base_blocks", "res_ch", "res_mult", "res_blocks", "attn_res", "temporal_res", "heads", "ae_ch",
+        "ae_factor", "z_channels")
 
 
 # --- §3.1 Decomposed noise ---
@@ -153,25 +158,6 @@ def decomposed_noise(shape, lam: float, generator=None, device=None, share: Opti
 
 # --- §3.2 Networks: ADM-style U-Nets, the residual one with temporal attention ---
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """Sinusoidal embedding (Vaswani et al. 2017) of integer steps t (N,) -> (N, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4), ch)
-
-
-def zero(module: nn.Module) -> nn.Module:
-    """Zero-initialise a layer, so a residual branch starts as the identity."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the embedding as a scale and shift of the second norm (ADM)."""
 
@@ -179,7 +165,8 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * cout)
-        self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), zero(nn.Conv2d(cout, cout, 3, padding=1))
+        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.conv2 = zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb, frames):          # x (N, C, H, W), emb (N, E)
@@ -325,18 +312,17 @@ class UNet(nn.Module):
 class VideoFusion(nn.Module):
     """The two generators and the latent scale, as one module so that DDP, EMA and checkpoints see one model."""
 
-    def __init__(self, cfg: Config, num_classes: int):
+    def __init__(self, cfg: Config, sched: Schedule):
         super().__init__()
         ch_in = cfg.z_channels if cfg.space == "latent" else 3
         size = cfg.resolution // cfg.ae_factor if cfg.space == "latent" else cfg.resolution
-        nc = num_classes if cfg.class_cond else 0
+        nc = cfg.num_classes if cfg.class_cond else 0
         self.base = UNet(ch_in, cfg.base_ch, cfg.base_mult, cfg.base_blocks, cfg.attn_res, size, cfg.heads,
                          cfg.dropout, nc)
         self.residual = UNet(ch_in, cfg.res_ch, cfg.res_mult, cfg.res_blocks, cfg.attn_res, size, cfg.heads,
                              cfg.dropout, nc, cfg.temporal_res)
-        self.lam, self.joint, self.num_classes = cfg.lam, cfg.joint, nc
+        self.lam, self.joint, self.num_classes, self.sched = cfg.lam, cfg.joint, nc, sched
         self.register_buffer("latent_scale", torch.tensor(1.0))   # 1 / std of the latents (latent space only)
-        self.register_buffer("sqrt_one_minus_alpha_bar", torch.zeros(cfg.timesteps))
 
     def forward(self, z_t, t, label=None):
         """(b_hat, r_hat) for noisy frames z_t (B, C, N, H, W) at steps t (B,).  §3.2:
@@ -347,8 +333,8 @@ class VideoFusion(nn.Module):
         """
         N = z_t.shape[2]
         b_hat = self.base(z_t[:, :, key_frame(N)], t, label)[:, :, None]           # (B, C, 1, H, W)
-        s = self.sqrt_one_minus_alpha_bar[t].reshape(-1, 1, 1, 1, 1)
-        z_prime = z_t - frame_lams(N, self.lam, z_t.device, z_t.dtype).sqrt() * s * self.sg(b_hat)
+        s = self.sched.noise_std(t, z_t)                                          # (B, 1, 1, 1, 1), float32+
+        z_prime = z_t - frame_lams(N, self.lam, z_t.device, s.dtype).sqrt() * s * self.sg(b_hat)
         return b_hat, self.residual(z_prime, t, label)
 
     def train(self, mode: bool = True):
@@ -400,8 +386,8 @@ class FrameAutoencoder(nn.Module):
         """(B, 3, N, H, W) -> posterior mean and log-variance, each (B, z, N, h, w)."""
         n = x.shape[2]
         mean, logvar = self.encoder(rearrange(x, "b c n h w -> (b n) c h w")).chunk(2, dim=1)
-        to_video = lambda y: rearrange(y, "(b n) c h w -> b c n h w", n=n)
-        return to_video(mean), to_video(logvar.clamp(-30, 20))
+        mean, logvar = (rearrange(y, "(b n) c h w -> b c n h w", n=n) for y in (mean, logvar))
+        return mean, logvar.clamp(-30, 20)
 
     def decode(self, z):
         n = z.shape[2]
@@ -471,12 +457,20 @@ def image_loss(net, sched: Schedule, x0, label):
 
 # --- Training ---
 
-def build(cfg: Config, num_classes: int, device):
+def build(cfg: Config, device):
     sched = Schedule.make(cfg.schedule, cfg.timesteps)
-    model = VideoFusion(cfg, num_classes).to(device)
-    model.sqrt_one_minus_alpha_bar.copy_((1 - sched.alpha_bar).sqrt().float())
+    model = VideoFusion(cfg, sched).to(device)
     ae = FrameAutoencoder(cfg.ae_ch, cfg.ae_factor, cfg.z_channels).to(device) if cfg.space == "latent" else None
     return sched, model, ae
+
+
+def load_frame_autoencoder(run_dir, cfg: Config, device) -> "FrameAutoencoder":
+    """The run's trained autoencoder (--space latent), frozen."""
+    if not (run_dir / "ae.pt").exists():
+        raise UserError(f"--space latent needs the autoencoder first: run `python {SCRIPT}.py train --stage ae`")
+    ae = FrameAutoencoder(cfg.ae_ch, cfg.ae_factor, cfg.z_channels).to(device)
+    ae.load_state_dict(load_checkpoint(run_dir / "ae.pt", SCRIPT, {k: getattr(cfg, k) for k in ARCH}, device)["model"])
+    return ae.eval().requires_grad_(False)
 
 
 def report_sizes(cfg, model, ae, print_fn=print):
@@ -487,56 +481,78 @@ def report_sizes(cfg, model, ae, print_fn=print):
     print_fn(msg + f" parameters; clips {cfg.frames}x{cfg.resolution}x{cfg.resolution}, {cfg.space} space")
 
 
-def train(args):
-    cfg = config_from_args(Config, PRESETS, args)
+def check_config(cfg: Config, stage: str):
+    """Mistakes the flags alone reveal, reported before any data is read."""
     if not 0 < cfg.lam < 1:
         raise UserError(f"--lam must lie strictly between 0 and 1, got {cfg.lam}")
     if cfg.frames < 2:
         raise UserError(f"--frames must be at least 2 (a key frame and a residual frame), got {cfg.frames}")
     if cfg.space == "latent" and cfg.resolution % cfg.ae_factor:
         raise UserError(f"--resolution {cfg.resolution} is not divisible by the autoencoder factor {cfg.ae_factor}")
-    if args.stage == "ae" and cfg.space != "latent":
+    if stage == "ae" and cfg.space != "latent":
         raise UserError("--stage ae trains the autoencoder of --space latent; pixel space has none")
+
+
+def frozen_autoencoder(run: Run, cfg: Config, model: "VideoFusion") -> "FrameAutoencoder":
+    """The run's trained autoencoder for the diffusion stages, and the latent scale they use: 1 / std of held-out
+    latents (LDM's scale_by_std), so that the diffused latents have unit variance. A resumed diffusion stage
+    restores its own scale from its checkpoint."""
+    ae = load_frame_autoencoder(run.dir, cfg, run.device)
+    held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
+                                        split="test", seed=cfg.seed), 8)["video"].to(run.device)
+    with torch.no_grad():
+        latents = ae.encode(held_out)[0]
+        rec = ae.decode(latents)
+    model.latent_scale.fill_(1.0 / latents.std().item())
+    run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 8 held-out clips; "
+              f"latent scale {model.latent_scale.item():.4f}")
+    return ae
+
+
+def train(args):
+    cfg = config_from_args(Config, PRESETS, args)
+    check_config(cfg, args.stage)
+    # a class-conditional preset on unlabelled data trains unconditionally (known from the name, before any probe)
+    unlabelled = cfg.class_cond and cfg.data not in LABELLED
+    if unlabelled:
+        cfg = replace(cfg, class_cond=False)
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
-    num_classes = getattr(data, "num_classes", 0)
-    if cfg.class_cond and not num_classes:
-        raise UserError(f"--data {cfg.data} has no class labels: pass --no-class-cond")
-    run = Run.start(SCRIPT, args, cfg)
-    sched, model, ae = build(cfg, num_classes, run.device)
+    cfg = replace(cfg, num_classes=getattr(data, "num_classes", 0) if cfg.class_cond else 0)
+    run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
+                    precision=args.precision, compile=args.compile)
+    if unlabelled:
+        run.print(f"--data {cfg.data} has no class labels: training without class conditioning (--no-class-cond)")
+    sched, model, ae = build(cfg, run.device)
     report_sizes(cfg, model, ae, run.print)
     match = {k: getattr(cfg, k) for k in ARCH}
-    common = dict(config=cfg, must_match=match, seed=cfg.seed, grad_clip=cfg.grad_clip,
-                  save_every=cfg.save_every, batch_size=cfg.batch_size)
-    stages = {"all": ("ae", "base-pretrain", "diffusion")}.get(args.stage, (args.stage,))
+    every_stage = dict(config=cfg, must_match=match, seed=cfg.seed, grad_clip=cfg.grad_clip,
+                       save_every=cfg.save_every, batch_size=cfg.batch_size)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    pretraining = "base-pretrain" in stages and cfg.base_steps > 0
+    if cfg.joint == "fixed" and "diffusion" in stages and not (pretraining or run.has("base-pretrain")):
+        raise UserError("--joint fixed keeps the base generator frozen, so it needs --base-steps > 0")
 
-    # stage 1 (latent space only): the per-frame autoencoder
-    if ae is not None and ("ae" in stages or (run.dir / "ae.pt").exists()):
-        ae = train_stage(run, "ae", ae, torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.5, 0.9)),
-                         ae_loss, data, steps=cfg.ae_steps, **common)
-        ae.requires_grad_(False)
-        held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
-                                            split="test", seed=cfg.seed), 8)["video"].to(run.device)
-        with torch.no_grad():
-            latents = ae.encode(held_out)[0]
-            rec = ae.decode(latents)
-            model.latent_scale.fill_(1.0 / latents.std().item())
-        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 8 held-out clips; "
-                  f"latent scale {model.latent_scale.item():.4f}")
-    elif ae is not None and args.stage != "ae":
-        raise UserError(f"--space latent needs the autoencoder first: run `python {SCRIPT}.py train --stage ae`")
+    # stage 1 (--space latent only): the per-frame autoencoder, frozen for the stages after it
+    if ae is not None:
+        if "ae" in stages:
+            train_stage(run, "ae", ae, torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.5, 0.9)), ae_loss,
+                        data, steps=cfg.ae_steps, **every_stage)
+        if stages == ("ae",):
+            return
+        ae = frozen_autoencoder(run, cfg, model)
 
     def to_z0(batch):
         x = batch["video"]
         if ae is None:
             return x
         with torch.no_grad():
-            return ae.encode(x)[0] * model.latent_scale     # the posterior mean, scaled to unit variance
+            return (ae.encode(x)[0] * model.latent_scale).float()   # posterior mean, unit variance, float32
 
     def label_of(batch):
         return batch["label"] if model.num_classes else None
 
     # stage 2 (optional): pretrain the base generator as an image model on single frames (Table 6)
-    if "base-pretrain" in stages and cfg.base_steps > 0:
+    if pretraining:
         def base_loss(net, batch):
             z0 = to_z0(batch)
             frame = torch.randint(0, z0.shape[2], (z0.shape[0],), device=z0.device)
@@ -544,20 +560,17 @@ def train(args):
             return image_loss(net, sched, x0, drop_labels(label_of(batch), model.num_classes, cfg.p_uncond))
 
         train_stage(run, "base-pretrain", model.base, torch.optim.AdamW(model.base.parameters(), lr=cfg.lr),
-                    base_loss, data, steps=cfg.base_steps, follows=("ae",), **common)
-        model.base.train()
+                    base_loss, data, steps=cfg.base_steps, follows=("ae",), **every_stage)
 
     # stage 3: joint training of base and residual generators on the decomposed objective (§3.3)
     if "diffusion" in stages:
-        pretrained = run.dir / "base-pretrain.pt"
-        if cfg.joint == "fixed":
-            if not pretrained.exists():
-                raise UserError("--joint fixed keeps the base generator frozen, so it needs --base-steps > 0")
+        if cfg.joint == "fixed":   # Table 7 "Fixed": the pretrained base generator is not trained
             model.base.requires_grad_(False)
         # Table 6 "w/ pretrain": a new diffusion stage starts its base generator from the pretrained image model,
         # whether that stage ran in this command or an earlier one (a resumed stage has its own weights)
-        if not (run.dir / "diffusion.pt").exists() and pretrained.exists():
-            model.base.load_state_dict(load_checkpoint(pretrained, SCRIPT, match, run.device)["model"])
+        if run.has("base-pretrain") and not run.has("diffusion"):
+            pretrained = load_checkpoint(run.checkpoint("base-pretrain"), SCRIPT, match, run.device)
+            model.base.load_state_dict(pretrained["model"])
             run.print("diffusion: starting the base generator from base-pretrain.pt")
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -573,7 +586,7 @@ def train(args):
                                                             cfg.p_uncond),
                           data, steps=cfg.steps, ema_decay=cfg.ema_decay, sample_fn=sample_gif,
                           sample_every=cfg.sample_every, follows=("ae", "base-pretrain"),
-                          **{**common, "must_match": {**match, "joint": cfg.joint}})   # --joint is the ablation
+                          **{**every_stage, "must_match": {**match, "joint": cfg.joint}})   # --joint: the ablation
         if run.dist.is_main:
             videos = generate(ema, ae, sched, cfg, n=8, steps=100, labels=labels, device=run.device,
                               dtype=run.dtype, progress=True)
@@ -610,7 +623,8 @@ def generate(model: VideoFusion, ae, sched: Schedule, cfg: Config, *, n, steps, 
 
         eps_fn = guided(cond, uncond, guidance) if guidance else cond   # Eq. (9) of LVDM's convention
     else:
-        eps_fn = lambda z, t: model.eps(z, t, None)
+        def eps_fn(z, t):
+            return model.eps(z, t, None)
 
     def eps_fp32(z, t):
         with autocast(torch.device(device), dtype):
@@ -648,13 +662,10 @@ def load_for_sampling(args, device):
     if "ema" not in ckpt:
         raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint, not a diffusion one: pass diffusion.pt")
     cfg = Config(**ckpt["config"])
-    num_classes = ckpt["ema"]["model"]["base.label_emb.weight"].shape[0] - 1 if cfg.class_cond else 0
-    sched, model, ae = build(cfg, num_classes, device)
+    sched, model, ae = build(cfg, device)
     model.load_state_dict(ckpt["ema"]["model"])
     if ae is not None:
-        ae_ckpt = load_checkpoint(path.parent / "ae.pt", SCRIPT, {k: getattr(cfg, k) for k in ARCH}, device)
-        ae.load_state_dict(ae_ckpt["model"])
-        ae.eval()
+        ae = load_frame_autoencoder(path.parent, cfg, device)
     return cfg, sched, model.eval(), ae, path
 
 
@@ -699,15 +710,14 @@ def evaluate(args):
                                  device=device, dtype=dtype))
 
     reconstruct = (lambda x: ae.decode(ae.encode(x)[0])) if ae is not None else None
-    evaluate_run(args, SCRIPT, cfg, path.parent, fake, reconstruct, device, frames=cfg.frames,
-                 sampler={"sampler": "ddpm", "steps": steps})
+    evaluate_run(SCRIPT, cfg, path.parent, fake, frames=cfg.frames, device=device, reconstruct=reconstruct,
+                 sampler={"sampler": "ddpm", "steps": steps}, **eval_settings(args, cfg))
 
 
 # --- Command line ---
 
 def cli(argv=None):
-    parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS,
-                               stages=("all", "ae", "base-pretrain", "diffusion"))
+    parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
     s = sub["sample"]
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="Alg. 1 (DDPM; --steps below T respaces it) or Alg. 2 (DDIM)")

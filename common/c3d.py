@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoint import load_state_checked
-from common.cli import UserError
+from common.errors import UserError
 
 WHERE = ("the UCF-101 C3D is published as conv3d_deepnetA_ucf.npz with mean2.npz in TGANv2's release "
          "(https://github.com/rezoo/tgan2) and as c3d_ucf101.pt with StyleGAN-V "

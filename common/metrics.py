@@ -5,7 +5,6 @@ extraction with a progress bar, and the on-disk cache of real-data features.
 """
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.video import atomic_write
+from common.files import atomic_write, cache_dir
 
 # --- Distances between feature sets ---
 
@@ -106,10 +105,6 @@ def extract(network, preprocess, videos, batch_size=8, device="cpu", desc="featu
     return np.concatenate(out)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VIDIFF_CACHE", Path.home() / ".cache" / "vidiff")) / "features"
-
-
 def file_identity(path) -> dict:
     """What identifies a weight file or data root for the cache: absolute path, size and modification time."""
     p = Path(path).resolve()
@@ -120,7 +115,7 @@ def file_identity(path) -> dict:
 def cached(key: dict, compute):
     """Features from the cache under a hash of `key` (everything that changes them), or computed and stored."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = cache_dir() / f"{digest}.npy"
+    path = cache_dir() / "features" / f"{digest}.npy"
     if path.exists():
         return np.load(path)
     feats = compute()

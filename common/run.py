@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.cli import UserError
+from common.errors import UserError
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.data import make_loader
-from common.run import (EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything)
+from common.files import atomic_write
+from common.run import EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything
 
 
 @dataclass
@@ -29,17 +30,25 @@ class Run:
     log: RunLog
 
     @classmethod
-    def start(cls, script: str, args, config) -> "Run":
-        """Set up devices and DDP, seed, create the run directory and write config.json (rank 0)."""
-        world, device = init_distributed(args.device)
-        run_dir = Path(args.run or f"runs/{script}-{config.data}-{args.preset}")
+    def start(cls, script: str, config, *, preset: str, run_dir=None, device: str = "auto",
+              precision: str = "auto", compile: bool = False) -> "Run":
+        """Set up devices and DDP, seed, create the run directory (default runs/<script>-<data>-<preset>) and write
+        config.json (rank 0)."""
+        world, dev = init_distributed(device)
+        run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(
-                {"script": script, "preset": args.preset, **dataclasses.asdict(config)}, indent=2))
+            atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(
+                {"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)))
         seed_everything(config.seed + world.rank)
-        return cls(script, run_dir, device, pick_precision(args.precision, device), world,
-                   getattr(args, "compile", False), RunLog(run_dir, world.is_main))
+        return cls(script, run_dir, dev, pick_precision(precision, dev), world, compile, RunLog(run_dir, world.is_main))
+
+    def checkpoint(self, stage: str) -> Path:
+        """Where a stage's checkpoint lives: <run>/<stage>.pt."""
+        return self.dir / f"{stage}.pt"
+
+    def has(self, stage: str) -> bool:
+        """Whether a stage has a checkpoint (finished or not) in this run."""
+        return self.checkpoint(stage).exists()
 
     def print(self, *msg):
         if self.dist.is_main:
@@ -76,7 +85,7 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
     Under DDP, gradients are synchronised only for what loss_fn computes through `net`; a model whose steps
     leave some parameters without a gradient (a GAN's alternating updates) needs find_unused_parameters.
     """
-    ckpt_path = run.dir / f"{stage}.pt"
+    ckpt_path = run.checkpoint(stage)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == torch.float16)
     ema = EMA(model, ema_decay) if ema_decay else None
     step = samples = 0
@@ -94,9 +103,9 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
             return (ema.model if ema else model).eval()
         run.print(f"{stage}: resuming from step {step} ({ckpt_path})")
     else:
-        before = [run.dir / f"{name}.pt" for name in follows if (run.dir / f"{name}.pt").exists()]
+        before = [name for name in follows if run.has(name)]
         if before:
-            previous = load_checkpoint(before[-1], run.script, map_location="cpu")
+            previous = load_checkpoint(run.checkpoint(before[-1]), run.script, map_location="cpu")
             _restore_rng(run, previous["rng"], seed, previous["step"])
 
     def save():
@@ -157,4 +166,6 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
             model.train()
     bar.close()
     save()
+    if run.dist.world > 1:   # every rank waits for rank 0's checkpoint: the next stage may load it
+        dist.barrier()
     return (ema.model if ema else model).eval()

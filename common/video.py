@@ -4,12 +4,13 @@ Decoding goes through imageio's pyav plugin (FFmpeg's libraries inside the `av` 
 and fps from the container without decoding, and stops decoding once a clip's last frame is reached. Frame folders
 (SkyTimelapse, TaiChi) are read with imageio's image plugins. Everything returns uint8 arrays (T, H, W, 3).
 """
-import os
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 import torch
+
+from common.files import atomic_write
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".gif", ".mov", ".mkv")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -91,15 +92,6 @@ def make_grid(videos: np.ndarray, max_videos: int = 16, pad: int = 2) -> np.ndar
         y, x = pad + r * (H + pad), pad + c * (W + pad)
         grid[:, y:y + H, x:x + W] = v[k]
     return grid
-
-
-def atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")   # one per process: no clashes
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def write_gif(path, video: np.ndarray, fps: float = 8):

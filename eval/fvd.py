@@ -13,11 +13,13 @@ import argparse
 
 import numpy as np
 
-from common.cli import Parser, UserError, main
-from common.evaluate import add_output_flags, fvd_kvd, i3d_features, npz_resolution, parse_source, report
+from common.cli import Parser, add_output_flags, main
+from common.errors import UserError
+from common.evaluate import fvd_kvd, i3d_features, report
 from common.i3d import i3d_preprocess, load_i3d
 from common.metrics import extract, frechet_distance
 from common.run import pick_device
+from common.sources import npz_resolution, parse_source
 
 
 def parser():
@@ -44,9 +46,9 @@ def run(argv=None):
     parse_source(args.real), parse_source(args.fake)        # bad specs fail before anything is loaded
     resolution = args.resolution or npz_resolution(args.fake) or npz_resolution(args.real) or 256
     i3d = load_i3d(args.i3d, device)                       # a missing weight file fails before any decoding
-    common = dict(i3d=i3d, i3d_path=args.i3d, seed=args.seed, split=args.split, batch_size=args.batch_size,
-                  device=device)
-    n_real, real = i3d_features(args.real, args.n, args.frames, resolution, real=True, **common)
+    both_sides = dict(i3d=i3d, i3d_path=args.i3d, seed=args.seed, split=args.split, batch_size=args.batch_size,
+                      device=device)
+    n_real, real = i3d_features(args.real, args.n, args.frames, resolution, real=True, **both_sides)
     result = {"real": args.real, "fake": args.fake, "n_real": n_real, "frames": args.frames,
               "resolution": resolution}
     if args.curve:
@@ -65,7 +67,7 @@ def run(argv=None):
             curve.append(frechet_distance(real, feats))
         result.update(n_fake=len(videos), fvd_curve=curve, window_starts=[w * args.frames for w in range(windows)])
     else:
-        n_fake, fake = i3d_features(args.fake, args.n, args.frames, resolution, real=False, **common)
+        n_fake, fake = i3d_features(args.fake, args.n, args.frames, resolution, real=False, **both_sides)
         result.update(n_fake=n_fake, **fvd_kvd(real, fake))
     report(result, args.out)
 

