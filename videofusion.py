@@ -519,7 +519,7 @@ def train(args):
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
     cfg = replace(cfg, num_classes=getattr(data, "num_classes", 0) if cfg.class_cond else 0)
     run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
-                    precision=args.precision, compile=args.compile)
+                    precision=args.precision, compile=args.compile, must_match={k: getattr(cfg, k) for k in ARCH})
     if unlabelled:
         run.print(f"--data {cfg.data} has no class labels: training without class conditioning (--no-class-cond)")
     sched, model, ae = build(cfg, run.device)

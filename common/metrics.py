@@ -5,6 +5,7 @@ extraction with a progress bar, and the on-disk cache of real-data features.
 """
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.errors import UserError
 from common.files import atomic_write, cache_dir
 
 # --- Distances between feature sets ---
@@ -119,6 +121,10 @@ def cached(key: dict, compute):
     if path.exists():
         return np.load(path)
     feats = compute()
-    atomic_write(path, lambda p: np.save(p, feats))
-    path.with_suffix(".json").write_text(json.dumps(key, sort_keys=True, default=str, indent=1))
+    try:
+        atomic_write(path, lambda p: np.save(p, feats))
+        atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(key, sort_keys=True, default=str,
+                                                                                     indent=1)))
+    except UserError as e:   # an unwritable cache only costs the next evaluation its time
+        warnings.warn(f"features not cached: {e}")
     return feats

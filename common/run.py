@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
+from common.files import atomic_write
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -109,7 +110,9 @@ def _close_distributed():
 
 
 class RunLog:
-    """log.jsonl: one JSON object per logged step (stage, step, loss, lr, seconds). Rank 0 only."""
+    """log.jsonl: one JSON object per logged step (stage, step, loss, lr, seconds). Rank 0 only.
+    A line may be written before its step's checkpoint, so a resumed stage first forgets the lines past the step
+    it resumes from: after any kill, each step appears once."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path, self.enabled, self.start = Path(run_dir) / "log.jsonl", enabled, time.time()
@@ -117,8 +120,28 @@ class RunLog:
     def write(self, **record):
         if self.enabled:
             record.setdefault("seconds", round(time.time() - self.start, 3))
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    def forget_after(self, stage: str, step: int):
+        """Drop the lines of `stage` past `step` (written by a run killed before its next checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not _past(line, stage, step)]
+        if len(kept) < len(lines):
+            atomic_write(self.path, lambda p: p.write_text("".join(kept)))
+
+
+def _past(line: str, stage: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return True   # a line cut short by a kill
+    return record.get("stage") == stage and record.get("step", 0) > step
 
 
 def count_params(module: torch.nn.Module) -> int:

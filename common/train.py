@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.data import make_loader
+from common.errors import UserError
 from common.files import atomic_write
 from common.run import EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything
 
@@ -31,12 +32,16 @@ class Run:
 
     @classmethod
     def start(cls, script: str, config, *, preset: str, run_dir=None, device: str = "auto",
-              precision: str = "auto", compile: bool = False) -> "Run":
+              precision: str = "auto", compile: bool = False, must_match: dict = None) -> "Run":
         """Set up devices and DDP, seed, create the run directory (default runs/<script>-<data>-<preset>) and write
-        config.json (rank 0)."""
+        config.json (rank 0). A run directory that already holds checkpoints of another architecture (must_match)
+        is refused before anything in it is rewritten; temporary files of killed writes are removed."""
         world, dev = init_distributed(device)
         run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
+            check_run_dir(run_dir, must_match or {})
+            for stale in run_dir.glob(".*.tmp*"):     # a killed save's leftovers; a finished write leaves none
+                stale.unlink(missing_ok=True)
             atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(
                 {"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)))
         seed_everything(config.seed + world.rank)
@@ -53,6 +58,22 @@ class Run:
     def print(self, *msg):
         if self.dist.is_main:
             tqdm.write(" ".join(str(m) for m in msg))
+
+
+def check_run_dir(run_dir: Path, must_match: dict):
+    """Refuse, in one sentence, to reuse a run directory whose checkpoints were trained with another architecture
+    (its config.json says how they were made)."""
+    saved = run_dir / "config.json"
+    if not saved.exists() or not any(run_dir.glob("*.pt")):
+        return
+    try:
+        before = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return          # an unreadable config.json: each checkpoint is still checked when it is loaded
+    for key, value in must_match.items():
+        if before.get(key) != json.loads(json.dumps(value)):       # as config.json stores it (tuples as lists)
+            raise UserError(f"{run_dir} was trained with {key}={before.get(key)!r} but the config asks for {value!r}: "
+                            f"use the same preset/flags, or a new --run directory")
 
 
 def _restore_rng(run: Run, state: dict, seed: int, step: int):
@@ -102,6 +123,7 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
             _restore_rng(run, resume_rng, seed, step)   # the next stage draws what it would have drawn after this one
             return (ema.model if ema else model).eval()
         run.print(f"{stage}: resuming from step {step} ({ckpt_path})")
+        run.log.forget_after(stage, step)
     else:
         before = [name for name in follows if run.has(name)]
         if before:

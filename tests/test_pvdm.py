@@ -368,6 +368,16 @@ def test_ucf101_layout_trains(tmp_path):
     assert (run / "diffusion.pt").exists()
 
 
+def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
+    flags = ["--ae-steps", "2", "--steps", "2", *TINY]
+    pvdm.cli(["train", "--run", str(tmp_path / "one"), *flags])
+    pvdm.cli(["train", "--run", str(tmp_path / "staged"), "--stage", "ae", *flags])
+    pvdm.cli(["train", "--run", str(tmp_path / "staged"), "--stage", "diffusion", *flags])
+    one = torch.load(tmp_path / "one" / "diffusion.pt", weights_only=True)["model"]
+    staged = torch.load(tmp_path / "staged" / "diffusion.pt", weights_only=True)["model"]
+    assert all(torch.equal(one[k], staged[k]) for k in one)
+
+
 DDP_PROBE = """
 import sys
 from pathlib import Path

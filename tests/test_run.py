@@ -128,10 +128,25 @@ def test_config_flags_override_the_preset_and_help_shows_preset_values(tmp_path,
     assert "(default: 6)" in capsys.readouterr().out
 
 
-def test_resuming_with_another_architecture_is_refused(tmp_path):
+def test_resuming_with_another_architecture_is_refused_and_changes_nothing(tmp_path):
     toy_script.cli(["train", "--run", str(tmp_path), "--steps", "1"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(UserError, match="width=8 but the config asks for 16"):
         toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2", "--preset", "wide"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_resumed_stage_logs_each_step_once_and_stale_temporary_files_go(tmp_path):
+    """A kill between a step's log line and its checkpoint leaves the line; the resumed stage forgets it."""
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "4"])            # checkpoints at 2 and 4
+    ckpt = torch.load(tmp_path / "diffusion.pt", weights_only=True)
+    save_checkpoint(tmp_path / "diffusion.pt", {**ckpt, "step": 2, "samples": 2 * 2})   # as if killed after step 4's line
+    (tmp_path / ".diffusion.tmp999.pt").write_bytes(b"half a checkpoint")
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"stage": "diffusion", "st')                                     # a line cut short by the kill
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "5"])
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
+    assert not list(tmp_path.glob(".*.tmp*"))
 
 
 @pytest.mark.parametrize("argv,expected", [

@@ -490,3 +490,16 @@ def test_guidance_pushes_away_from_the_unconditional_prediction(monkeypatch):
     null = model.num_classes
     expected = torch.tensor([3 * 1 - 2 * null, 3 * 2 - 2 * null], dtype=torch.float32)
     assert torch.allclose(seen["eps"].flatten(1).mean(1), expected)
+
+
+def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
+    """The diffusion stage that starts in a new command continues the RNG stream base-pretrain.pt saved, and
+    starts from its weights: the result equals one uninterrupted `train`, bit for bit."""
+    flags = ["--base-steps", "2", "--steps", "3", *TINY]
+    vf.cli(["train", "--run", str(tmp_path / "one"), *flags])
+    vf.cli(["train", "--run", str(tmp_path / "staged"), "--stage", "base-pretrain", *flags])
+    vf.cli(["train", "--run", str(tmp_path / "staged"), "--stage", "diffusion", *flags])
+    one = torch.load(tmp_path / "one" / "diffusion.pt", weights_only=True)
+    staged = torch.load(tmp_path / "staged" / "diffusion.pt", weights_only=True)
+    assert all(torch.equal(one["model"][k], staged["model"][k]) for k in one["model"])
+    assert all(torch.equal(one["ema"]["model"][k], staged["ema"]["model"][k]) for k in one["ema"]["model"])

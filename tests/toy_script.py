@@ -50,7 +50,7 @@ class Toy(nn.Module):
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
-                    precision=args.precision, compile=args.compile)
+                    precision=args.precision, compile=args.compile, must_match={"width": cfg.width})
     sched = Schedule.make("linear", 100)
     model = Toy(cfg.width).to(run.device)
 
