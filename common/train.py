@@ -120,7 +120,6 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         step, samples, resume_rng = ckpt["step"], ckpt["samples"], ckpt["rng"]
         if step >= steps:
             run.print(f"{stage}: finished at step {step} ({ckpt_path}); skipping")
-            _restore_rng(run, resume_rng, seed, step)   # the next stage draws what it would have drawn after this one
             return (ema.model if ema else model).eval()
         run.print(f"{stage}: resuming from step {step} ({ckpt_path})")
         run.log.forget_after(stage, step)

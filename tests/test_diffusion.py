@@ -131,6 +131,20 @@ def test_ddim_with_true_noise_recovers_x0_on_any_step_subset(kind, steps, seed):
     assert torch.allclose(out, x0, atol=1e-9)
 
 
+@given(KINDS, st.integers(2, 999), st.integers(0, 2 ** 31))
+def test_clipped_ddim_step_moves_along_the_noise_of_the_clipped_x0(kind, t, seed):
+    """DDIM Eq. (12) with x0_hat clipped: the direction term must use the eps that the clipped x0_hat implies."""
+    sched = schedule(kind)
+    g = torch.Generator().manual_seed(seed)
+    x_t, eps = torch.randn(2, 1, 6, generator=g, dtype=torch.float64) * 3
+    tt, tp = torch.tensor([t]), torch.tensor([t // 2])
+    x_prev, x0 = ddim_step(sched, x_t, tt, tp, eps, clip_x0=0.5)
+    assert x0.abs().max() <= 0.5
+    ab_prev = sched.alpha_bar[t // 2]
+    expected = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * sched.predict_eps(x_t, tt, x0)
+    assert torch.allclose(x_prev, expected, atol=1e-9)
+
+
 @given(KINDS, st.integers(1, 999), st.integers(0, 2 ** 31))
 def test_one_step_ddim_with_eta_one_is_the_ddpm_posterior(kind, t, seed):
     sched = schedule(kind)

@@ -197,3 +197,22 @@ def test_precision_is_fp32_on_cpu_and_fp16_needs_cuda():
     assert pick_precision("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         pick_precision("fp16", torch.device("cpu"))
+
+
+def test_accumulated_batches_make_one_step_of_their_mean_gradient(tmp_path):
+    """accumulate=3 on a loss whose gradient is 1 per batch: one SGD step of lr 1 moves the weight by -1 (the mean),
+    as a single batch would, not by -3."""
+    from common.data import SyntheticVideos
+    from common.run import Dist, RunLog
+    from common.train import Run, train_stage
+
+    run = Run("toy", tmp_path, torch.device("cpu"), None, Dist(), False, RunLog(tmp_path))
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    for accumulate in (1, 3):
+        torch.nn.init.zeros_(model.weight)
+        train_stage(run, f"acc{accumulate}", model, torch.optim.SGD(model.parameters(), lr=1.0),
+                    lambda net, batch: net.weight.sum(), SyntheticVideos(2, 4, length=8), steps=1, batch_size=2,
+                    config=toy_script.Config(), must_match={}, accumulate=accumulate)
+        assert model.weight.item() == pytest.approx(-1.0)
+    assert torch.load(tmp_path / "acc3.pt", weights_only=True)["samples"] == 2 * 3
