@@ -66,7 +66,7 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(1200, "diffusion training steps")
+    steps: int = flag(1000, "diffusion training steps")
     ae_steps: int = flag(1600, "autoencoder steps (L1 or MSE, + LPIPS)")
     gan_steps: int = flag(0, "adversarial autoencoder optimizer steps after --ae-steps (each accumulates 3 "
                               "batches; autoencoder and discriminator steps alternate), 0 to skip")
@@ -75,7 +75,7 @@ class Config:
     lr: float = flag(1e-3, "diffusion learning rate (AdamW, constant)")
     ae_lr: float = flag(1e-3, "autoencoder and discriminator learning rate (AdamW, betas 0.5, 0.9)")
     seed: int = flag(0, "random seed")
-    sample_every: int = flag(600, "write a sample GIF every N diffusion steps (0: never)")
+    sample_every: int = flag(500, "write a sample GIF every N diffusion steps (0: never)")
     save_every: int = flag(500, "checkpoint every N steps")
     # the paper's method
     frames: int = flag(8, "frames per clip")

@@ -1,8 +1,9 @@
 """The few network pieces that must be identical in every paper script (larger blocks live with their paper).
 
     timestep_embedding  the sinusoidal embedding of Vaswani et al. 2017 as ADM writes it: cos half, then sin half
-    norm                GroupNorm with 32 groups where the width allows it (ADM's GroupNorm32), else the largest
-                        divisor of 32 that divides the width
+    norm                GroupNorm with 32 groups (ADM's GroupNorm32) where the width leaves 4 channels or more in
+                        each; narrower layers take the most groups that do (one channel per group would be an
+                        instance norm, which erases each frame's mean colour)
     zero                a zero-initialised layer, so that a residual branch starts as the identity (ADM)
 """
 import math
@@ -20,7 +21,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 def norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, ch), ch)
+    groups = max(g for g in range(1, min(32, max(ch // 4, 1)) + 1) if ch % g == 0)
+    return nn.GroupNorm(groups, ch)
 
 
 def zero(module: nn.Module) -> nn.Module:
