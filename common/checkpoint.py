@@ -49,7 +49,9 @@ def load_checkpoint(path, script: str, must_match: dict = None, map_location="cp
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+        detail = (str(e).splitlines() or [""])[0]
+        raise UserError(f"{path} is not a readable checkpoint: it is empty, truncated or damaged ({type(e).__name__}"
+                        f"{': ' + detail if detail else ''})")
     if not isinstance(ckpt, dict) or "script" not in ckpt:
         raise UserError(f"{path} is not a vidiff checkpoint (no 'script' entry)")
     if ckpt["script"] != script:

@@ -36,5 +36,8 @@ def atomic_write(path, write, *, sync: bool = False) -> Path:
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass                 # the folder itself is unusable: the error above already says so
     return path

@@ -39,11 +39,13 @@ class Run:
         world, dev = init_distributed(device)
         run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
-            check_run_dir(run_dir, must_match or {})
             for stale in run_dir.glob(".*.tmp*"):     # a killed save's leftovers; a finished write leaves none
                 stale.unlink(missing_ok=True)
-            atomic_write(run_dir / "config.json", lambda p: p.write_text(json.dumps(
-                {"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)))
+            check_run_dir(run_dir, must_match or {})
+            text = json.dumps({"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)
+            saved = run_dir / "config.json"
+            if not saved.exists() or saved.read_text() != text:   # a finished run re-runs on a read-only disk
+                atomic_write(saved, lambda p: p.write_text(text))
         seed_everything(config.seed + world.rank)
         return cls(script, run_dir, dev, pick_precision(precision, dev), world, compile, RunLog(run_dir, world.is_main))
 

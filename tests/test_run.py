@@ -46,6 +46,13 @@ def test_checkpoint_refuses_wrong_script_newer_format_and_other_architecture(tmp
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "junk.pt", "pvdm")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="empty.pt is not a readable checkpoint: it is empty, truncated or damaged"):
+        load_checkpoint(tmp_path / "empty.pt", "pvdm")
+    good = (tmp_path / "new.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(good[:len(good) // 2])
+    with pytest.raises(UserError, match="cut.pt is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt", "pvdm")
 
 
 def test_save_interrupted_before_rename_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -216,3 +223,16 @@ def test_accumulated_batches_make_one_step_of_their_mean_gradient(tmp_path):
                     config=toy_script.Config(), must_match={}, accumulate=accumulate)
         assert model.weight.item() == pytest.approx(-1.0)
     assert torch.load(tmp_path / "acc3.pt", weights_only=True)["samples"] == 2 * 3
+
+
+@pytest.mark.parametrize("argv", [["train", "--run", "{blocker}/run"],
+                                  ["sample", "--run", "{run}", "--n", "1", "--steps", "2", "--out", "{blocker}/out"]])
+def test_an_unwritable_folder_is_one_sentence_naming_the_path(tmp_path, argv):
+    """A folder under a regular file cannot be made, even by root: a real OS error, reported in one line."""
+    toy_script.cli(["train", "--run", str(tmp_path / "run"), "--steps", "1"])
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    args = [a.format(blocker=tmp_path / "blocker", run=tmp_path / "run") for a in argv]
+    out = run_script("tests/toy_script.py", *args)
+    lines = out.stderr.strip().split("\n")
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: cannot write {tmp_path / 'blocker'}/") and "Not a directory" in lines[0]
