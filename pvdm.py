@@ -575,11 +575,12 @@ def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg)
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
+    match = {k: getattr(cfg, k) for k in ARCH}   # what the run's checkpoints must share with this config
     run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
-                    precision=args.precision, compile=args.compile, must_match={k: getattr(cfg, k) for k in ARCH})
+                    precision=args.precision, compile=args.compile, must_match=match)
     ae, unet = ProjectedAutoencoder(cfg).to(run.device), PlaneUNet(cfg).to(run.device)
     report_sizes(cfg, ae, unet, run.print)
-    every_stage = dict(config=cfg, must_match={k: getattr(cfg, k) for k in ARCH}, seed=cfg.seed,
+    every_stage = dict(config=cfg, must_match=match, seed=cfg.seed,
                        grad_clip=cfg.grad_clip, save_every=cfg.save_every)
     stages = STAGES if args.stage == "all" else (args.stage,)
     adam = dict(lr=cfg.ae_lr, betas=(0.5, 0.9))

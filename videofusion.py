@@ -464,11 +464,11 @@ def build(cfg: Config, device):
     return sched, model, ae
 
 
-def load_frame_autoencoder(run_dir, cfg: Config, device) -> "FrameAutoencoder":
-    """The run's trained autoencoder (--space latent), frozen."""
+def load_frame_autoencoder(ae: "FrameAutoencoder", run_dir, cfg: Config) -> "FrameAutoencoder":
+    """`ae` (as build() made it) with the run's trained weights (--space latent), frozen."""
     if not (run_dir / "ae.pt").exists():
         raise UserError(f"--space latent needs the autoencoder first: run `python {SCRIPT}.py train --stage ae`")
-    ae = FrameAutoencoder(cfg.ae_ch, cfg.ae_factor, cfg.z_channels).to(device)
+    device = next(ae.parameters()).device
     ae.load_state_dict(load_checkpoint(run_dir / "ae.pt", SCRIPT, {k: getattr(cfg, k) for k in ARCH}, device)["model"])
     return ae.eval().requires_grad_(False)
 
@@ -493,11 +493,11 @@ def check_config(cfg: Config, stage: str):
         raise UserError("--stage ae trains the autoencoder of --space latent; pixel space has none")
 
 
-def frozen_autoencoder(run: Run, cfg: Config, model: "VideoFusion") -> "FrameAutoencoder":
+def frozen_autoencoder(run: Run, cfg: Config, model: "VideoFusion", ae: "FrameAutoencoder") -> "FrameAutoencoder":
     """The run's trained autoencoder for the diffusion stages, and the latent scale they use: 1 / std of held-out
     latents (LDM's scale_by_std), so that the diffused latents have unit variance. A resumed diffusion stage
     restores its own scale from its checkpoint."""
-    ae = load_frame_autoencoder(run.dir, cfg, run.device)
+    ae = load_frame_autoencoder(ae, run.dir, cfg)
     held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
                                         split="test", seed=cfg.seed), 8)["video"].to(run.device)
     with torch.no_grad():
@@ -518,13 +518,13 @@ def train(args):
         cfg = replace(cfg, class_cond=False)
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
     cfg = replace(cfg, num_classes=getattr(data, "num_classes", 0) if cfg.class_cond else 0)
+    match = {k: getattr(cfg, k) for k in ARCH}   # what the run's checkpoints must share with this config
     run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
-                    precision=args.precision, compile=args.compile, must_match={k: getattr(cfg, k) for k in ARCH})
+                    precision=args.precision, compile=args.compile, must_match=match)
     if unlabelled:
         run.print(f"--data {cfg.data} has no class labels: training without class conditioning (--no-class-cond)")
     sched, model, ae = build(cfg, run.device)
     report_sizes(cfg, model, ae, run.print)
-    match = {k: getattr(cfg, k) for k in ARCH}
     every_stage = dict(config=cfg, must_match=match, seed=cfg.seed, grad_clip=cfg.grad_clip,
                        save_every=cfg.save_every, batch_size=cfg.batch_size)
     stages = STAGES if args.stage == "all" else (args.stage,)
@@ -539,7 +539,7 @@ def train(args):
                         data, steps=cfg.ae_steps, **every_stage)
         if stages == ("ae",):
             return
-        ae = frozen_autoencoder(run, cfg, model)
+        ae = frozen_autoencoder(run, cfg, model, ae)
 
     def to_z0(batch):
         x = batch["video"]
@@ -665,7 +665,7 @@ def load_for_sampling(args, device):
     sched, model, ae = build(cfg, device)
     model.load_state_dict(ckpt["ema"]["model"])
     if ae is not None:
-        ae = load_frame_autoencoder(path.parent, cfg, device)
+        ae = load_frame_autoencoder(ae, path.parent, cfg)
     return cfg, sched, model.eval(), ae, path
 
 

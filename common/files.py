@@ -16,6 +16,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VIDIFF_CACHE", Path.home() / ".cache" / "vidiff"))
 
 
+def cannot_write(path, error: OSError) -> UserError:
+    """The one sentence for a failed write: the path and the operating system's cause."""
+    return UserError(f"cannot write {path}: {error.strerror or error}")
+
+
 def temporary_name(path: Path) -> Path:
     """.<stem>.tmp<pid><suffix> beside `path`: hidden, one per process, the suffix kept for writers that read it."""
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
@@ -34,7 +39,7 @@ def atomic_write(path, write, *, sync: bool = False) -> Path:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise cannot_write(path, e) from None
     finally:
         try:
             tmp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.files import atomic_write
+from common.files import atomic_write, cannot_write
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -124,7 +124,7 @@ class RunLog:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
+                raise cannot_write(self.path, e) from None
 
     def forget_after(self, stage: str, step: int):
         """Drop the lines of `stage` past `step` (written by a run killed before its next checkpoint)."""
