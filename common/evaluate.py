@@ -67,24 +67,37 @@ def report(result: dict, out=None):
 
 # --- The shared `eval` sub-command ---
 
+def fvd_windows(real_feats, videos: np.ndarray, window: int, i3d, batch_size: int, device) -> list:
+    """The FVD of every non-overlapping `window`-frame window of long videos (N, T, H, W, 3) against real features:
+    LVDM's FVD-over-time curves (Fig. 6, 7)."""
+    curve = []
+    for w in range(videos.shape[1] // window):
+        feats = extract(i3d, i3d_preprocess, videos[:, w * window:(w + 1) * window], batch_size, device,
+                        desc=f"I3D window {w}")
+        curve.append(frechet_distance(real_feats, feats))
+    return curve
+
+
 def evaluate_run(script: str, cfg, run_dir, generate, *, frames: int, n=None, real: str, i3d_path=None,
                  c3d_path=None, c3d_mean=None, batch_size: int = 8, seed: int = 0, device="cpu", reconstruct=None,
-                 sampler: dict = None):
+                 sampler: dict = None, window: int = None):
     """Sample n videos of `frames` frames with `generate(n, frames, seed) -> uint8 (n, T, H, W, 3)`, compare them
     with the `real` source (a spec, common/sources.py) by FVD and KVD (and IS with a C3D); with
     `reconstruct(x) -> x_hat` (an autoencoder) also PSNR, SSIM and R-FVD on held-out clips. `sampler` (the sampling
     settings) is recorded in the result. Clips shorter than I3D's 9 frames get no FVD/KVD: the result says why
     and keeps what can be measured. n=None takes 2048 (the papers' protocol), 64 for a tiny run. Prints one JSON
-    line and writes <run>/eval.json."""
+    line and writes <run>/eval.json. With `window` below `frames` the videos are long: real clips have `window`
+    frames and the result is the FVD of every window (fvd_curve), and the whole curve's mean as fvd."""
     start = time.time()
     saved = run_dir / "config.json"
     preset = json.loads(saved.read_text()).get("preset") if saved.exists() else None
     n = n or (64 if preset == "tiny" else 2048)
     result = {"script": script, "run": str(run_dir), "real": real, "frames": frames, "resolution": cfg.resolution,
               **({"sampler": sampler} if sampler else {})}
-    if frames < MIN_FRAMES:
+    clip = window if window and frames > window else frames       # the frames of one scored clip
+    if clip < MIN_FRAMES:
         result["note"] = (f"no FVD/KVD: I3D needs clips of at least {MIN_FRAMES} frames and this run makes "
-                          f"{frames}-frame clips; train with --frames 16 for FVD16")
+                          f"{clip}-frame clips; train with --frames 16 for FVD16")
         i3d = None
     else:
         i3d = load_i3d(i3d_path, device)                       # missing weights fail before any sampling
@@ -93,13 +106,19 @@ def evaluate_run(script: str, cfg, run_dir, generate, *, frames: int, n=None, re
         for i in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", leave=False):
             fake.append(generate(min(batch_size, n - i), frames, seed + i))
         fake = np.concatenate(fake)
-        n_real, real_feats = i3d_features(real, n, frames, cfg.resolution, real=True, i3d=i3d, i3d_path=i3d_path,
+        n_real, real_feats = i3d_features(real, n, clip, cfg.resolution, real=True, i3d=i3d, i3d_path=i3d_path,
                                           seed=seed, batch_size=batch_size, device=device)
-        fake_feats = extract(i3d, i3d_preprocess, fake, batch_size, device, desc="I3D fake")
-        result.update(n_real=n_real, n_fake=len(fake), **fvd_kvd(real_feats, fake_feats))
+        if clip < frames:
+            curve = fvd_windows(real_feats, fake, clip, i3d, batch_size, device)
+            result.update(n_real=n_real, n_fake=len(fake), window=clip, fvd_curve=curve,
+                          window_starts=[w * clip for w in range(len(curve))], fvd=float(np.mean(curve)))
+        else:
+            fake_feats = extract(i3d, i3d_preprocess, fake, batch_size, device, desc="I3D fake")
+            result.update(n_real=n_real, n_fake=len(fake), **fvd_kvd(real_feats, fake_feats))
         if n < 2048:
             result["note"] = f"{n} videos per side: not comparable with papers' 2048-video FVD"
         if c3d is not None:
+            fake = fake[:, :clip]
             probs = c3d_probs((fake[i:i + batch_size] for i in range(0, len(fake), batch_size)), c3d, device)
             result["is"], result["is_std"] = inception_score(probs)
     if reconstruct is not None:

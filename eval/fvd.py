@@ -15,9 +15,8 @@ import numpy as np
 
 from common.cli import Parser, add_output_flags, main
 from common.errors import UserError
-from common.evaluate import fvd_kvd, i3d_features, report
-from common.i3d import i3d_preprocess, load_i3d
-from common.metrics import extract, frechet_distance
+from common.evaluate import fvd_kvd, fvd_windows, i3d_features, report
+from common.i3d import load_i3d
 from common.run import pick_device
 from common.sources import npz_resolution, parse_source
 
@@ -57,15 +56,10 @@ def run(argv=None):
             raise UserError("--curve reads long videos from a samples.npz: pass --fake .../samples.npz")
         with np.load(path) as f:
             videos = f["videos"][:args.n]                                   # (N, T_long, H, W, 3) uint8
-        windows = videos.shape[1] // args.frames
-        if windows < 1:
+        if videos.shape[1] < args.frames:
             raise UserError(f"{path} holds {videos.shape[1]}-frame videos, shorter than one {args.frames}-frame window")
-        curve = []
-        for w in range(windows):                                            # non-overlapping windows
-            clip = videos[:, w * args.frames:(w + 1) * args.frames]
-            feats = extract(i3d, i3d_preprocess, clip, args.batch_size, device, desc=f"I3D window {w}")
-            curve.append(frechet_distance(real, feats))
-        result.update(n_fake=len(videos), fvd_curve=curve, window_starts=[w * args.frames for w in range(windows)])
+        curve = fvd_windows(real, videos, args.frames, i3d, args.batch_size, device)
+        result.update(n_fake=len(videos), fvd_curve=curve, window_starts=[w * args.frames for w in range(len(curve))])
     else:
         n_fake, fake = i3d_features(args.fake, args.n, args.frames, resolution, real=False, **both_sides)
         result.update(n_fake=n_fake, **fvd_kvd(real, fake))
