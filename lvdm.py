@@ -73,13 +73,13 @@ class Config:
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
     steps: int = flag(600, "steps of the short (unconditional) diffusion model")
-    ae_steps: int = flag(500, "autoencoder steps")
+    ae_steps: int = flag(600, "autoencoder steps")
     pred_steps: int = flag(400, "steps of the prediction model (started from the short model)")
     interp_steps: int = flag(300, "steps of the interpolation model (started from the short model)")
     batch_size: int = flag(8, "clips per diffusion step and process")
     ae_batch_size: int = flag(4, "clips per autoencoder batch and process")
     lr: float = flag(1e-3, "diffusion learning rate (AdamW, weight decay 0.01, constant)")
-    ae_lr: float = flag(1e-3, "autoencoder and discriminator learning rate (Adam, betas 0.5, 0.9)")
+    ae_lr: float = flag(5e-4, "autoencoder and discriminator learning rate (Adam, betas 0.5, 0.9)")
     seed: int = flag(0, "random seed")
     sample_every: int = flag(0, "write a sample GIF every N diffusion steps (0: never)")
     save_every: int = flag(200, "checkpoint every N steps")
@@ -88,7 +88,7 @@ class Config:
     resolution: int = flag(32, "frame height and width")
     rec_loss: str = flag("mse", "autoencoder reconstruction loss: MSE as §3.1 states, or L1 as the official code",
                          choices=["mse", "l1"])
-    disc_start: int = flag(250, "autoencoder step from which the adversarial loss is on (official: 50001)")
+    disc_start: int = flag(400, "autoencoder step from which the adversarial loss is on (official: 50001)")
     diffusion_loss: str = flag("l2", "denoising loss: L2 as Eq. (7), or L1 as the official configs",
                                choices=["l2", "l1"])
     cond_noise_max: int = flag(250, "s_max: given latents are perturbed to z_s, s < s_max, in training (§3.3)")
@@ -848,36 +848,38 @@ def generate_long(models: dict, ae, sched, cfg: Config, *, n, frames, mode="hier
 
 
 def load_models(run_dir, device, need=("short",)):
-    """The EMA networks a sampling mode needs from a run directory, and the run's config."""
+    """The EMA networks a sampling mode needs from a run directory, and the run's config. Checkpoints are mapped,
+    not read: only the EMA weights leave the disk."""
     models, cfg = {}, None
     for name in need:
         path = Path(run_dir) / f"{name}.pt"
         if not path.exists():
             raise UserError(f"no {name} model in {run_dir} ({name}.pt): run `python {SCRIPT}.py train --stage {name}`"
                             f" (or `train` for every stage)")
-        ckpt = load_checkpoint(path, SCRIPT, None if cfg is None else {k: getattr(cfg, k) for k in ARCH}, device)
+        ckpt = load_checkpoint(path, SCRIPT, None if cfg is None else {k: getattr(cfg, k) for k in ARCH}, mmap=True)
         if "ema" not in ckpt:
             raise UserError(f"{path} is not a diffusion checkpoint")
         cfg = cfg or Config(**ckpt["config"])
-        unet = UNet3D(cfg, conditional=name != "short").to(device)
+        unet = UNet3D(cfg, conditional=name != "short")
         unet.load_state_dict(ckpt["ema"]["model"])
-        models[name] = unet.eval()
+        models[name] = unet.to(device).eval()
     return models, cfg
 
 
 def sampling_setup(args, device):
     """The models, config and autoencoder for `sample`/`eval`: the short model for clips up to the training
     length, the prediction (and interpolation) model for longer ones."""
-    run_dir = find_checkpoint(SCRIPT, args.run, args.ckpt, stage="short").parent
-    _, cfg = load_models(run_dir, "cpu", need=("short",))
+    path = find_checkpoint(SCRIPT, args.run, args.ckpt, stage="short")
+    run_dir = path.parent
+    cfg = Config(**load_checkpoint(path, SCRIPT, mmap=True)["config"])
     frames = args.frames or cfg.frames
     if frames < 1:
         raise UserError(f"--frames must be positive, got {frames}")
-    need = ("short",) if frames <= cfg.frames else ("pred", "interp") if args.mode == "hierarchical" else ("pred",)
-    models, cfg = load_models(run_dir, device, need)
-    if args.cond_noise is not None and not 0 <= args.cond_noise < cfg.cond_noise_max:
+    if not 0 <= args.cond_noise < cfg.cond_noise_max:
         raise UserError(f"--cond-noise must be below the s_max this run trained with ({cfg.cond_noise_max}), "
                         f"got {args.cond_noise}")
+    need = ("short",) if frames <= cfg.frames else ("pred", "interp") if args.mode == "hierarchical" else ("pred",)
+    models, cfg = load_models(run_dir, device, need)
     return run_dir, cfg, models, load_autoencoder(run_dir, cfg, device), frames
 
 

@@ -40,14 +40,15 @@ def save_checkpoint(path, state: dict):
     atomic_write(path, lambda tmp: torch.save({**state, "format_version": FORMAT_VERSION}, tmp), sync=True)
 
 
-def load_checkpoint(path, script: str, must_match: dict = None, map_location="cpu") -> dict:
+def load_checkpoint(path, script: str, must_match: dict = None, map_location="cpu", mmap: bool = False) -> dict:
     """Load a checkpoint and refuse, in one sentence, one from another script, a newer format, or a config
-    whose `must_match` entries (the architecture) differ."""
+    whose `must_match` entries (the architecture) differ. mmap=True (with map_location="cpu") reads tensors from
+    the file only when they are used: sampling a 549M-parameter model then never holds its optimizer state."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         detail = (str(e).splitlines() or [""])[0]
         raise UserError(f"{path} is not a readable checkpoint: it is empty, truncated or damaged ({type(e).__name__}"

@@ -94,6 +94,19 @@ def test_the_discriminator_judges_frames_and_its_terms_start_at_disc_start():
     assert all(shape == (16, 3, 16, 16) for shape in seen)          # (B T) frames, one 2D judgement each
 
 
+def test_the_generator_term_is_weighted_by_vqgans_gradient_norm_ratio_times_disc_weight():
+    torch.manual_seed(0)
+    cfg = small(disc_start=0, disc_weight=0.5)
+    model = lvdm.AdversarialAE(cfg)
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    out = lvdm.ae_loss(model, x, cfg)
+    last = model.ae.conv_out.conv.weight
+    grad_rec = torch.autograd.grad(out["mse"], last, retain_graph=True)[0]
+    grad_g = torch.autograd.grad(out["g"], last, retain_graph=True)[0]
+    assert torch.allclose(out["adaptive"], 0.5 * grad_rec.norm() / (grad_g.norm() + 1e-4), rtol=1e-4)
+
+
 def test_reconstruction_loss_is_mse_as_the_paper_states_or_l1_as_the_official_code():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 4, 8, 8) * 2 - 1
@@ -168,6 +181,35 @@ def test_the_given_latent_enters_as_z_s_with_its_mask_and_the_rest_as_z_t():
     assert level.tolist() == [7, 9]
 
 
+def test_training_masks_give_the_first_k_latents_or_the_first_and_last_with_probability_p_c():
+    pred = lvdm.condition_mask("pred", 2, 4, 2, 1.0, "cpu")
+    interp = lvdm.condition_mask("interp", 2, 5, 1, 1.0, "cpu")
+    assert pred[0].flatten().tolist() == [1, 1, 0, 0] and interp[1].flatten().tolist() == [1, 0, 0, 0, 1]
+    assert not lvdm.condition_mask("interp", 3, 5, 1, 0.0, "cpu").any()
+    torch.manual_seed(0)
+    share = lvdm.condition_mask("pred", 4000, 4, 1, 0.5, "cpu")[:, 0, 0].mean().item()
+    assert 0.45 < share < 0.55
+
+
+def test_the_conditional_loss_regresses_each_latents_own_noise():
+    """The target is eps_t on generated latents and the noise of z_s on given ones (the official merged noise)."""
+    cfg = small(p_cond_interp=1.0, diffusion_loss="l2")
+    sched = schedule(cfg)
+    z0 = torch.randn(2, 4, 3, 4, 4)
+    rec = Recorder()
+    torch.manual_seed(5)
+    loss = lvdm.cond_loss(rec, sched, z0, cfg, "interp", torch.zeros(2, dtype=torch.long))
+    torch.manual_seed(5)
+    t, s = torch.randint(0, sched.T, (2,)), torch.randint(0, cfg.cond_noise_max, (2,))
+    eps_t, eps_s = torch.randn_like(z0), torch.randn_like(z0)
+    given = torch.tensor([1.0, 0.0, 1.0]).reshape(1, 1, 3, 1, 1)
+    target = given * eps_s + (1 - given) * eps_t
+    assert torch.allclose(loss, target.pow(2).mean())                 # the recorder predicts zeros
+    x = rec.calls[0][0]
+    assert torch.allclose(x[:, :4, 0], lvdm.perturb(sched, z0, s, eps_s)[:, :, 0])
+    assert torch.allclose(x[:, :4, 1], sched.q_sample(z0, t, eps_t)[:, :, 1])
+
+
 def test_with_every_mask_zero_the_given_latents_and_their_level_do_not_matter():
     torch.manual_seed(0)
     cfg = small()
@@ -224,6 +266,7 @@ def test_training_and_sampling_give_the_network_the_same_level_and_mask_for_each
     lvdm.sample_clip(rec, sched, cfg, given.shape, given=given, mask=mask, guidance=0.1, cond_noise=100,
                      steps=2, generator=g)
     cond, uncond = rec.calls[0::2], rec.calls[1::2]
+    assert len(cond) == len(uncond) == 2 and all((c[3] == 0).all() for c in rec.calls)
     assert all((c[2] == 100).all() and (c[0][:, 4, 0] == 1).all() for c in cond)      # s = 100 with the mask
     assert all((u[2] == cfg.cond_noise_max).all() and (u[0][:, 4] == 0).all() for u in uncond)
     z_s = cond[0][0][:, :4, 0]
