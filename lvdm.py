@@ -632,6 +632,11 @@ def train(args):
     stages = STAGES if args.stage == "all" else (args.stage,)
     l, ft = latents_per_clip(cfg), cfg.ae_down_t
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
+    # the prediction model reads key_stride clips' worth of frames, the interpolation model key_stride + 1 latents:
+    # videos too short for them are found now, not after the stages before them have trained
+    long_clips = {name: make_dataset(cfg.data, cfg.data_root, frames=frames, resolution=cfg.resolution, seed=cfg.seed)
+                  for name, frames in (("pred", cfg.frames * cfg.key_stride), ("interp", (cfg.key_stride + 1) * ft))
+                  if name in stages}
     match = {k: getattr(cfg, k) for k in ARCH}     # what the run's checkpoints must share with this config
     run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
                     precision=args.precision, compile=args.compile, must_match=match)
@@ -687,8 +692,7 @@ def train(args):
             run.print(f"short samples written to {out}/")
 
     # stages 3 and 4: prediction on keyframe (and dense) clips, interpolation between keyframes (§3.3)
-    for name, frames, steps in (("pred", cfg.frames * cfg.key_stride, cfg.pred_steps),
-                                ("interp", (cfg.key_stride + 1) * ft, cfg.interp_steps)):
+    for name, steps in (("pred", cfg.pred_steps), ("interp", cfg.interp_steps)):
         if name not in stages:
             continue
         unet = UNet3D(cfg, conditional=True).to(dev)
@@ -698,7 +702,6 @@ def train(args):
                                 f"--stage short` first")
             init_from_short(unet, load_checkpoint(run.checkpoint("short"), SCRIPT, match, dev)["ema"]["model"])
             run.print(f"{name}: starting from the short model's EMA weights")
-        clips = make_dataset(cfg.data, cfg.data_root, frames=frames, resolution=cfg.resolution, seed=cfg.seed)
 
         def loss(net, batch, name=name, unet=unet):
             z = encode(unet, batch["video"])                   # (B, C, L, h, w): 16 latents (pred) or 5 (interp)
@@ -708,7 +711,7 @@ def train(args):
                 return cond_loss(net, sched, key_clips(z, l, cfg.key_stride, sparse), cfg, "pred", sparse)
             return cond_loss(net, sched, z, cfg, "interp", torch.zeros(B, dtype=torch.long, device=z.device))
 
-        diffusion_stage(name, unet, loss, clips, steps, follows=STAGES[:STAGES.index(name)])
+        diffusion_stage(name, unet, loss, long_clips[name], steps, follows=STAGES[:STAGES.index(name)])
 
     if "interp" in stages and run.dist.is_main:
         models = load_models(run.dir, dev, need=("pred", "interp"))[0]

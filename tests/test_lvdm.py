@@ -538,6 +538,11 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path, trained):
         lvdm.cli(["train", "--resolution", "18", "--run", str(tmp_path / "r")])
     with pytest.raises(UserError, match="no checkpoint|train"):
         lvdm.cli(["sample", "--run", str(tmp_path / "none")])
+    make_ucf101(tmp_path / "ucf", n_frames=(30, 30, 20, 8))     # 30 frames: short clips yes, prediction clips no
+    with pytest.raises(UserError, match="no video in ucf101 has the 48 frames"):
+        lvdm.cli(["train", "--data", "ucf101", "--data-root", str(tmp_path / "ucf"), "--run", str(tmp_path / "u"),
+                  *STEPS, *FLAGS, "--key-stride", "4"])
+    assert not (tmp_path / "u").exists()                         # found before anything was written
     with pytest.raises(UserError, match="--cond-noise must be below"):
         lvdm.cli(["sample", "--run", str(trained), "--frames", "40", "--cond-noise", "250"])
     for name in ("config.json", "ae.pt"):
