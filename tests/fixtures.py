@@ -28,6 +28,30 @@ def torchrun(script, *args):
                       env={"OMP_NUM_THREADS": "1"})
 
 
+RANK_PROBE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path.cwd()))
+import {script}
+stage_fn = {script}.train_stage
+def probe(run, stage, model, *args, **kwargs):
+    out = stage_fn(run, stage, model, *args, **kwargs)
+    flat = [p.detach().double().flatten() for p in model.parameters()]
+    Path(sys.argv[1], f"{{stage}}.{{run.dist.rank}}").write_text(repr([float(v.sum()) for v in flat]))
+    return out
+{script}.train_stage = probe
+{script}.cli(sys.argv[2:])
+"""
+
+
+def torchrun_probed(tmp_path, script, *args):
+    """`torchrun` `script`.py's cli with args on two CPU ranks, each rank writing its parameters' sums after every
+    stage to tmp_path/<stage>.<rank>, so a test can check that DDP kept the ranks in step."""
+    probe = Path(tmp_path) / f"probe_{script}.py"
+    probe.write_text(RANK_PROBE.format(script=script))
+    return torchrun(probe, str(tmp_path), *args)
+
+
 def frames(n, h=48, w=64):
     """(n, h, w, 3) uint8: frame k is grey LEVEL*k with a red square in the centre (marks the crop centre)."""
     v = np.repeat(np.repeat(np.repeat((np.arange(n) * LEVEL).astype(np.uint8)[:, None, None, None], h, 1), w, 2), 3, 3)

