@@ -45,6 +45,17 @@ def test_the_vqgan_maps_16x128x128_clips_to_4x4x16x16_latents_and_back():
     assert vqvdm.stage_strides(4, 8) == [(2, 2, 2), (2, 2, 2), (1, 2, 2)]
 
 
+def test_replicate_padding_encodes_a_still_video_as_the_same_latent_at_every_time():
+    """A still video is invariant to every shift in time; with replicate padding (§2.2) its encoding is too,
+    borders included (zero padding would make the first and last latents differ)."""
+    torch.manual_seed(0)
+    vq = randomize(vqvdm.VQGAN3D(small(frames=16))).eval()
+    frame = torch.rand(1, 3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = vq.encode(frame.expand(-1, -1, 16, -1, -1))
+    assert torch.allclose(z, z[:, :, :1].expand_as(z), atol=1e-4 * z.abs().max().item())
+
+
 def test_quantized_vectors_are_codebook_entries_nearest_to_z_e():
     vq = vqvdm.VQGAN3D(small()).eval()
     z_e = torch.randn(2, 4, 2, 4, 4)
@@ -180,6 +191,19 @@ def test_sampling_guides_as_eq_9_w_1_is_the_conditional_model_and_w_0_the_uncond
         assert torch.allclose(seen["fn"](z, t), w * (eps_c - eps_u) + eps_u, atol=1e-5)
 
 
+@pytest.mark.parametrize("requantize", [True, False])
+def test_sampled_z_e_is_snapped_to_codes_before_decoding(requantize, monkeypatch):
+    cfg = small()
+    unet, vq = randomize(vqvdm.UNet3D(cfg)).eval(), vqvdm.VQGAN3D(cfg).eval()
+    monkeypatch.setattr(vqvdm, "ddpm_sample", lambda eps_fn, z_T, *a, **kw: z_T)
+    decoded = []
+    monkeypatch.setattr(vq, "decode", lambda z: decoded.append(z) or torch.zeros(2, 3, 8, 16, 16))
+    vqvdm.generate(unet, vq, Schedule.make("linear"), cfg, n=2, steps=2, requantize=requantize)
+    vectors = decoded[0].permute(0, 2, 3, 4, 1).reshape(-1, 4)
+    on_codes = (vectors[:, None] - vq.codebook.embed.weight[None]).abs().amax(dim=2).min(dim=1).values < 1e-6
+    assert on_codes.all() == requantize
+
+
 def test_joint_training_drops_the_label_with_probability_rho_and_never_the_fps():
     seen = []
 
@@ -266,6 +290,8 @@ def test_train_runs_both_stages_and_writes_labelled_samples(trained):
     assert final["videos"].shape == (8, 8, 16, 16, 3) and final["labels"].tolist() == [0, 1, 2, 3] * 2
     config = json.loads((trained / "config.json").read_text())
     assert config["num_classes"] == 4 and config["fps"] in (8.0, 16.0, 32.0)
+    ema = torch.load(trained / "diffusion.pt", weights_only=True)["ema"]["model"]
+    assert ema["latent_scale"] != 1 and ema["latent_shift"] != 0          # from training latents
 
 
 def test_sample_with_a_label_fps_and_guidance_writes_the_labels(trained, tmp_path):
