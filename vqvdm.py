@@ -22,7 +22,11 @@ size; a data-dependent codebook initialisation and the restart of dead codes fro
 classic VQGAN codebook collapse); the diffused latent (z_e before quantization, normalised by statistics of
 training latents, and re-quantized before decoding: `--latent z_q` diffuses the quantized one); the widths and
 depth of both networks; down-sampling in space only; no temporal position code beyond the causal mask and the 3D
-convolutions; the sampler (DDPM, "standard DDPM [4]", T = 1000 with the linear schedule).
+convolutions; the sampler (DDPM, "standard DDPM [4]", T = 1000 with the linear schedule); the generator's side of
+Eq. (3) as the non-saturating -log D(x_hat); --disc-start gating the feature matching of Eq. (4) too, as TATS does
+(§2.2 names only L_disc). LPIPS is the standard VGG-16 one (Eq. 1 cites a VGG-19 perceptual loss, ref. [28]).
+Only the temporal attention is causal: the 3x3x3 convolutions and the GroupNorms mix frames both ways, as the
+paper's ResBlocks do.
 
     python vqvdm.py train                                   # tiny demo on synthetic videos, CPU, < 10 minutes
     python vqvdm.py sample --label 1 --guidance 3           # class 1, Eq. (9) with w = 3
@@ -68,8 +72,8 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(1200, "diffusion steps")
-    ae_steps: int = flag(700, "VQGAN steps")
+    steps: int = flag(1000, "diffusion steps")
+    ae_steps: int = flag(600, "VQGAN steps")
     batch_size: int = flag(8, "clips per diffusion step and process")
     ae_batch_size: int = flag(4, "clips per VQGAN step and process")
     lr: float = flag(1e-3, "diffusion learning rate (AdamW, constant; ours: the paper gives none)")
@@ -84,6 +88,8 @@ class Config:
     fps_cond: bool = flag(True, "condition on the clip's frame rate (Eq. 6)")
     rho: float = flag(0.5, "probability of an unconditional example (Eq. 7) in joint training; 1 on Sky (§3.1)")
     disc_start: int = flag(300, "VQGAN step from which the adversarial terms are on (paper: 10,000)")
+    restart_after: int = flag(50, "a code no vector picked for this many VQGAN steps moves onto an encoder output "
+                              "(ours, against codebook collapse; 0: never)")
     latent: str = flag("z_e", "the diffused latent: z_e before quantization (re-quantized before decoding) or the "
                        "quantized z_q (ours: the paper does not say)", choices=["z_e", "z_q"])
     # set by `train` from the data (rebuilding the model needs them)
@@ -94,9 +100,8 @@ class Config:
     ae_down_t: int = 4              # temporal factor (paper: 4)
     ae_down_s: int = 4              # spatial factor (paper: 8; tiny: 4, so a 32x32 frame keeps an 8x8 latent)
     z_channels: int = 4             # codebook dimension (paper: 4)
-    n_codes: int = 256              # codebook size (ours: the paper does not say; TATS uses 16384 x 256)
+    n_codes: int = 1024             # codebook size (ours: the paper does not say; TATS uses 16384 x 256)
     beta: float = 0.25              # commitment weight, Eq. (2)
-    restart_after: int = 50         # a code no vector picked for this many steps moves onto an encoder output (ours)
     lam_vq: float = 1.0             # lambda_1, Eq. (5)
     lam_disc: float = 0.5           # lambda_2
     lam_aux: float = 1.0            # lambda_3
@@ -207,7 +212,8 @@ class Codebook(nn.Module):
     Two remedies against codebook collapse, both ours: the codes start on encoder outputs of the first training
     batch (TATS's data-dependent init), and a code that no vector picked for `restart_after` training steps moves
     onto a random encoder output of the current batch. `last_used` and `calls` are buffers, so a resumed run
-    keeps them; under DDP they arrive from rank 0 at each forward and the moved codes are rank 0's."""
+    keeps them (and does not initialise its codes again). Under DDP a code is alive when any rank picked it (the
+    counts are summed over ranks) and the moved codes are rank 0's rows."""
 
     def __init__(self, n_codes, dim, restart_after):
         super().__init__()
@@ -219,19 +225,23 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def _move(self, which, flat):
-        """Put the codes `which` (bool mask) on random rows of flat (N, d), the same on every rank."""
-        if not which.any():
+        """Put the codes `which` (bool mask) on distinct random rows of flat (N, d) plus noise of std 0.01 / sqrt(d)
+        (TATS), the same on every rank."""
+        k = int(which.sum())
+        if not k:
             return 0
-        rows = flat[torch.randint(0, flat.shape[0], (int(which.sum()),), device=flat.device)]
+        pick = torch.randperm(flat.shape[0], device=flat.device)[:k] if flat.shape[0] >= k else \
+            torch.randint(0, flat.shape[0], (k,), device=flat.device)
+        rows = flat[pick] + torch.randn(k, flat.shape[1], device=flat.device) * 0.01 / flat.shape[1] ** 0.5
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(rows, src=0)
         self.embed.weight[which] = rows.to(self.embed.weight.dtype)
         self.last_used[which] = self.calls
-        return int(which.sum())
+        return k
 
     def forward(self, z_e):
-        """z_e (B, d, t, h, w) -> z_q with straight-through gradients, the code indices (B, t, h, w), and the
-        losses and usage statistics of this batch."""
+        """z_e (B, d, t, h, w) -> z_q with straight-through gradients, the code indices (B, t, h, w), the two terms
+        of Eq. (2), and the batch's usage statistics."""
         B, d, t, h, w = z_e.shape
         flat = rearrange(z_e, "b d t h w -> (b t h w) d").float()
         moved = 0
@@ -242,13 +252,16 @@ class Codebook(nn.Module):
             elif self.restart_after:                               # decided on synced buffers: all ranks agree
                 moved = self._move(self.calls - self.last_used > self.restart_after, flat.detach())
         e = self.embed.weight.float()
-        # ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2, nearest code per latent vector
-        index = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]).argmin(dim=1)
+        with torch.autocast(z_e.device.type, enabled=False):      # bf16 distances pick wrong codes
+            # ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2, nearest code per latent vector
+            index = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]).argmin(dim=1)
         z_q = rearrange(e[index], "(b t h w) d -> b d t h w", b=B, t=t, h=h)
         codebook = F.mse_loss(z_q, z_e.detach().float())          # Eq. (2), first term: ||sg[z_e] - e||^2
         commit = F.mse_loss(z_e.float(), z_q.detach())            # second term, x beta by the caller
         counts = torch.bincount(index, minlength=e.shape[0]).float()
         if self.training:
+            if dist.is_available() and dist.is_initialized():     # a code any rank picked is alive
+                dist.all_reduce(counts)
             self.last_used[counts > 0] = self.calls
         p = counts / counts.sum()
         # usage: perplexity exp(H(p)) of the batch's code histogram (n_codes when all are used evenly), the codes
@@ -310,6 +323,9 @@ class Discriminator3D(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x):
         feats = []
@@ -746,21 +762,27 @@ def load_for_sampling(args, device):
     return cfg, unet.to(device).eval(), load_vqgan(path.parent, cfg, device), path
 
 
+def check_guidance(guidance, label, unet: UNet3D):
+    """--label and Eq. (9)'s w need a class-conditional run; w must be finite."""
+    if not unet.num_classes:
+        if label is not None or guidance != 1:
+            raise UserError("this run is unconditional on classes: --label and --guidance need one trained with "
+                            "--class-cond on labelled data")
+    elif not math.isfinite(guidance):
+        raise UserError(f"--guidance must be a finite number, got {guidance}")
+
+
 def conditioning(args, cfg: Config, unet: UNet3D, n):
     """The labels (n,) or None and the fps that `sample` asks for, checked against what the run learned."""
     if args.fps is not None and not cfg.fps_cond:
         raise UserError("this run was trained without fps conditioning: --fps does not apply")
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise UserError(f"--fps must be a positive frame rate, got {args.fps}")
+    check_guidance(args.guidance, args.label, unet)
     if not unet.num_classes:
-        if args.label is not None or args.guidance != 1:
-            raise UserError("this run is unconditional on classes: --label and --guidance need one trained with "
-                            "--class-cond on labelled data")
         return None, args.fps
     if args.label is not None and not 0 <= args.label < unet.num_classes:
         raise UserError(f"--label must be in 0..{unet.num_classes - 1} for this run, got {args.label}")
-    if not math.isfinite(args.guidance):
-        raise UserError(f"--guidance must be a finite number, got {args.guidance}")
     labels = torch.full((n,), args.label) if args.label is not None else torch.arange(n) % unet.num_classes
     return labels, args.fps
 
@@ -784,7 +806,9 @@ def sample(args):
                       dtype=pick_precision(args.precision, device), progress=True)
     out = Path(args.out or path.parent / "samples" / "sample")
     write_samples(out, videos, None if labels is None else labels.numpy())
-    print(f"wrote {args.n} videos to {out}/ (grid.gif, samples.npz, video_*.mp4)")
+    how = f"class {args.label}" if args.label is not None else "classes in turn" if labels is not None else "unconditional"
+    print(f"wrote {args.n} videos ({how}, w = {args.guidance}, {fps or cfg.fps:g} fps) to {out}/ (grid.gif, "
+          f"samples.npz, video_*.mp4)")
 
 
 # --- Evaluation ---
@@ -798,6 +822,7 @@ def evaluate(args):
     steps = args.steps or 100
     check_steps(sched, ("--steps", steps))
     check_frames(args.frames, cfg)
+    check_guidance(args.guidance, None, unet)
     dtype = pick_precision(args.precision, device)
 
     def fake(n, frames, seed):
@@ -820,9 +845,14 @@ def cli(argv=None):
                    help="DDPM (--steps below T respaces it) or DDIM")
     s.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity")
     s.add_argument("--requantize", default=True, action=argparse.BooleanOptionalAction,
-                   help="snap sampled z_e to its nearest codes before decoding")
+                   help="snap sampled z_e to its nearest codes before decoding (runs trained with --latent z_q "
+                        "diffuse codes: nothing to snap)")
     s.set_defaults(steps=100, guidance=1.0)
-    sub["eval"].add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance w (Eq. 9)")
+    sub["eval"].add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance w")
+    for p in (s, sub["eval"]):   # Eq. (9)'s w differs from LVDM's and VideoFusion's: say so where users look
+        next(a for a in p._actions if a.dest == "guidance").help = (
+            "classifier-free guidance w of Eq. (9), w (eps_c - eps_u) + eps_u: 1 is the plain conditional model, "
+            "0 the unconditional one, above 1 guided (LVDM's and VideoFusion's w = this w - 1)")
     args = parser.parse_args(argv)
     {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
 

@@ -7,7 +7,7 @@ A paper script picks its recipe from these pieces in a few lines:
     LVDM    2D per-frame PatchGAN, hinge, adaptive weight x0.5 from step 50001 (official
             lvdm/models/losses/contperceptual.py)
     VQ-VDM  one 3D PatchGAN that downsamples in every layer, vanilla loss, squared-L2 feature matching (§2.2,
-            Eq. 4-5), adversarial terms off for the first 10,000 steps
+            Eq. 3-5), adversarial terms off for the first 10,000 steps
 
 Conventions: D returns (logits, features of every layer but the last); "real" and "fake" are logits.
 """
@@ -61,7 +61,7 @@ def hinge_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
 
 def vanilla_d_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """1/2 (E[-log sigmoid D(x)] + E[-log(1 - sigmoid D(x_hat))]): Goodfellow et al.'s log D(x) + log(1 - D(x_hat))
-    (VQ-VDM Eq. 4) as a loss to minimise, written with softplus for stability."""
+    (VQ-VDM Eq. 3) as a loss to minimise, written with softplus for stability."""
     return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
 
 
@@ -82,7 +82,7 @@ G_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
 def feature_matching(fake_feats: Sequence[torch.Tensor], real_feats: Sequence[torch.Tensor],
                      kind: str = "l1") -> torch.Tensor:
     """sum_l mean |D_l(x_hat) - D_l(x)| ("l1", PVDM and TATS) or sum_l mean (D_l(x_hat) - D_l(x))^2 ("l2",
-    pix2pixHD and VQ-VDM Eq. 5): summed over the layers as the official codes do, real features held fixed."""
+    pix2pixHD and VQ-VDM Eq. 4): summed over the layers as the official codes do, real features held fixed."""
     dist = {"l1": lambda d: d.abs().mean(), "l2": lambda d: d.pow(2).mean()}[kind]
     return sum(dist(f - r.detach()) for f, r in zip(fake_feats, real_feats))
 

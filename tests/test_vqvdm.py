@@ -67,6 +67,17 @@ def test_quantized_vectors_are_codebook_entries_nearest_to_z_e():
     assert torch.equal(index.flatten(), nearest)
 
 
+def test_the_nearest_code_is_found_in_float32_under_bf16_autocast():
+    book = vqvdm.Codebook(2048, 4, restart_after=0).eval()
+    torch.nn.init.normal_(book.embed.weight)
+    z_e = torch.randn(2, 4, 4, 8, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        index = book(z_e)[1].flatten()
+    nearest = torch.cdist(z_e.permute(0, 2, 3, 4, 1).reshape(-1, 4).double(), book.embed.weight.double(),
+                          compute_mode="donot_use_mm_for_euclid_dist").argmin(dim=1)
+    assert torch.equal(index, nearest)
+
+
 def test_the_straight_through_estimator_passes_the_decoders_gradient_to_the_encoder():
     vq = vqvdm.VQGAN3D(small()).eval()
     z_e = torch.randn(1, 4, 2, 4, 4, requires_grad=True)
@@ -114,11 +125,37 @@ def test_the_vqgan_loss_is_eq_5_with_lambdas_1_half_1_and_the_adversarial_terms_
             assert torch.allclose(out["loss"], expected, rtol=1e-5)
 
 
+def test_each_adversarial_term_reaches_only_its_own_player():
+    """The discriminator's loss moves only D; the generator's terms (Eq. 3's -log D(x_hat) and Eq. 4) move only
+    the VQGAN: D's weights enter them detached, the real features are fixed, and D sees a detached x_hat."""
+    torch.manual_seed(0)
+    cfg = small(disc_start=0)
+    model = randomize(vqvdm.AdversarialVQGAN(cfg)).eval()
+    x = torch.rand(2, 3, 8, 16, 16) * 2 - 1
+    out = vqvdm.vqgan_loss(model, x, cfg)
+    for term, moves, still in (("d", model.disc, model.vq), ("g", model.vq, model.disc), ("aux", model.vq, model.disc)):
+        grads = torch.autograd.grad(out[term], list(moves.parameters()) + list(still.parameters()),
+                                    retain_graph=True, allow_unused=True)
+        mine, other = grads[:len(list(moves.parameters()))], grads[len(list(moves.parameters())):]
+        assert any(g is not None and g.abs().sum() > 0 for g in mine), term
+        assert all(g is None or g.abs().sum() == 0 for g in other), term
+
+
 def test_the_discriminator_halves_time_and_space_in_every_layer():
     disc = vqvdm.Discriminator3D(8, 3)
     logits, feats = disc(torch.randn(1, 3, 16, 32, 32))
     assert [tuple(f.shape[2:]) for f in feats] == [(8, 16, 16), (4, 8, 8), (2, 4, 4)]
     assert tuple(logits.shape) == (1, 1, 2, 4, 4)
+
+
+def test_a_resumed_codebook_keeps_its_codes_and_the_first_batch_gets_distinct_ones():
+    book = vqvdm.Codebook(16, 4, restart_after=50).train()
+    book(torch.randn(1, 4, 2, 4, 4))                             # 32 rows for 16 codes: no two codes share one
+    assert torch.unique(book.embed.weight.detach(), dim=0).shape[0] == 16
+    resumed = vqvdm.Codebook(16, 4, restart_after=50).train()
+    resumed.load_state_dict(book.state_dict())                   # calls and last_used travel in the checkpoint
+    resumed(torch.randn(1, 4, 2, 4, 4) + 5)
+    assert torch.equal(resumed.embed.weight, book.embed.weight) and int(resumed.calls) == 2
 
 
 def test_codes_start_on_encoder_outputs_and_dead_codes_move_onto_them():
@@ -127,11 +164,11 @@ def test_codes_start_on_encoder_outputs_and_dead_codes_move_onto_them():
     book(first)                                                  # call 1: every code on an encoder output
     rows = first.permute(0, 2, 3, 4, 1).reshape(-1, 4)
     gap = (book.embed.weight.detach()[:, None] - rows[None]).abs().amax(dim=2)          # (codes, rows)
-    assert (gap.min(dim=1).values == 0).all()
+    assert (gap.min(dim=1).values < 0.03).all()                  # + noise of std 0.01 / sqrt(d), as TATS
     far = torch.full((1, 4, 2, 4, 4), 100.0)                     # from now on every vector picks one code
     moved = [book(far)[4]["restarted"] for _ in range(4)]        # calls 2..5
     assert moved == [0, 0, 15, 0]                                # unpicked since call 1: dead at call 4
-    assert (book.embed.weight == 100).all(dim=1).sum() == 15     # ... and moved onto the encoder outputs
+    assert ((book.embed.weight - 100).abs() < 0.05).all(dim=1).sum() == 15   # ... and moved onto encoder outputs
     never = vqvdm.Codebook(16, 4, restart_after=0).train()
     never(first)
     assert [never(far)[4]["restarted"] for _ in range(4)] == [0, 0, 0, 0]
@@ -162,13 +199,14 @@ def test_the_unet_keeps_the_frames_and_halves_only_the_frame_size():
     assert sizes == [(2, 4, 4), (2, 2, 2), (2, 2, 2)]
 
 
-def test_the_denoiser_depends_on_fps_and_label_and_the_null_label_is_the_unconditional_model():
+def test_the_denoiser_depends_on_t_fps_and_label_and_the_null_label_is_the_unconditional_model():
     torch.manual_seed(0)
     unet = randomize(vqvdm.UNet3D(small())).eval()
     z, t = torch.randn(2, 4, 2, 4, 4), torch.tensor([10, 10])
     f8, f32 = torch.tensor([8.0, 8.0]), torch.tensor([32.0, 32.0])
     c = torch.tensor([1, 1])
     with torch.no_grad():
+        assert not torch.allclose(unet(z, t, f8, c), unet(z, t + 500, f8, c))
         assert not torch.allclose(unet(z, t, f8, c), unet(z, t, f32, c))
         assert not torch.allclose(unet(z, t, f8, c), unet(z, t, f8, torch.tensor([2, 2])))
         assert torch.equal(unet(z, t, f8, None), unet(z, t, f8, torch.tensor([4, 4])))
@@ -189,6 +227,18 @@ def test_sampling_guides_as_eq_9_w_1_is_the_conditional_model_and_w_0_the_uncond
     with torch.no_grad():
         eps_c, eps_u = unet(z, t, f, labels), unet(z, t, f, None)
         assert torch.allclose(seen["fn"](z, t), w * (eps_c - eps_u) + eps_u, atol=1e-5)
+
+
+def test_the_diffused_latents_have_zero_mean_unit_variance_and_map_back_exactly():
+    cfg = small(frames=8)
+    unet, vq = vqvdm.UNet3D(cfg), randomize(vqvdm.VQGAN3D(cfg)).eval()
+    data = SyntheticVideos(8, 16)
+    vqvdm.set_latent_stats(unet, vq, data, cfg, "cpu", batches=2, batch_size=4)
+    with torch.no_grad():
+        z = vq.encode(fixed_batch(data, 8)["video"])
+    d = unet.to_diffusion(z)
+    assert abs(d.mean().item()) < 1e-4 and abs(d.std().item() - 1) < 1e-3
+    assert torch.allclose(unet.from_diffusion(d), z, atol=1e-5)
 
 
 @pytest.mark.parametrize("requantize", [True, False])
@@ -348,6 +398,12 @@ def test_dataset_layouts_train(tmp_path, data, capsys):
         assert config["num_classes"] == 0 and "training without class conditioning" in out
     if data == "sky":
         assert not config["fps_cond"] and "training without fps conditioning" in out
+        with pytest.raises(UserError, match="unconditional on classes"):
+            vqvdm.cli(["sample", "--run", str(run), "--label", "1"])
+        with pytest.raises(UserError, match="unconditional on classes"):
+            vqvdm.cli(["eval", "--run", str(run), "--guidance", "3"])
+        with pytest.raises(UserError, match="without fps conditioning"):
+            vqvdm.cli(["sample", "--run", str(run), "--fps", "10"])
 
 
 def test_the_sky_preset_is_unconditional_and_the_ucf_preset_class_conditional_with_rho_half():
@@ -355,11 +411,12 @@ def test_the_sky_preset_is_unconditional_and_the_ucf_preset_class_conditional_wi
     assert (sky.class_cond, sky.fps_cond, sky.rho) == (False, False, 1.0)
     assert (ucf.class_cond, ucf.fps_cond, ucf.rho, ucf.frames, ucf.resolution) == (True, True, 0.5, 16, 128)
     assert (ucf.lam_vq, ucf.lam_disc, ucf.lam_aux, ucf.beta, ucf.disc_start) == (1.0, 0.5, 1.0, 0.25, 10_000)
+    assert (ucf.schedule, ucf.timesteps, ucf.z_channels, ucf.ae_down_t, ucf.ae_down_s) == ("linear", 1000, 4, 4, 8)
 
 
 def test_both_stages_keep_the_ranks_in_step_under_torchrun(tmp_path):
     out = torchrun_probed(tmp_path, "vqvdm", "train", "--run", str(tmp_path / "run"), "--device", "cpu",
-                   "--ae-steps", "3", "--steps", "2", *FLAGS)
+                   "--ae-steps", "4", "--steps", "2", "--restart-after", "1", *FLAGS)
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in vqvdm.STAGES:
         assert (tmp_path / f"{stage}.0").read_text() == (tmp_path / f"{stage}.1").read_text(), stage
@@ -373,8 +430,10 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path, trained):
     with pytest.raises(UserError, match="--rho is a probability"):
         vqvdm.cli(["train", "--rho", "1.5", "--run", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
-    with pytest.raises(UserError, match="no checkpoint|train"):
+    with pytest.raises(UserError, match="no checkpoint at .*none"):
         vqvdm.cli(["sample", "--run", str(tmp_path / "none")])
+    with pytest.raises(UserError, match="--guidance must be a finite number"):
+        vqvdm.cli(["sample", "--run", str(trained), "--guidance", "nan"])
     with pytest.raises(UserError, match="--label must be in 0..3"):
         vqvdm.cli(["sample", "--run", str(trained), "--label", "4"])
     with pytest.raises(UserError, match="--fps must be a positive"):
