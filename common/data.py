@@ -216,10 +216,10 @@ def ucf101_items(root: Path, split="train", fold=1):
         if not list_file.is_file():
             raise UserError(f"missing split file {list_file}: expected fold {fold} of ucfTrainTestlist")
         for n, fields in _lines(list_file):
-            name = fields[0].split("/")[0]
-            if name not in classes:
-                raise UserError(f"{list_file} line {n} names {fields[0]!r}, whose class {name!r} classInd.txt does "
-                                f"not list: expected <Class>/v_<Class>_gXX_cYY.avi with a class of classInd.txt")
+            name, _, file = fields[0].partition("/")
+            if name not in classes or not file:
+                raise UserError(f"{list_file} line {n} reads {' '.join(fields)!r}: expected "
+                                f"<Class>/v_<Class>_gXX_cYY.avi with a class that classInd.txt lists")
             items.append((videos / fields[0], classes[name]))
     missing = [p for p, _ in items if not p.exists()]
     if missing:
