@@ -50,11 +50,8 @@ def probe(path) -> tuple:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         n = stream.frames                          # mp4, mov and avi state it
-        if not n and rate:                         # webm and mkv state a duration instead
-            if stream.duration is not None:
-                n = round(stream.duration * stream.time_base * rate)
-            elif container.duration is not None:
-                n = round(Fraction(container.duration, av.time_base) * rate)
+        if not n and rate and container.duration:  # webm and mkv state a duration instead (a longer audio
+            n = round(Fraction(container.duration, av.time_base) * rate)   # track overstates it: see read_frames)
         if not n:                                  # neither: count the frames, the one slow case
             n = sum(1 for _ in container.decode(stream))
     return int(n), (float(rate) if rate else float("nan"))

@@ -123,6 +123,13 @@ def test_probe_reads_frame_count_and_fps_of_every_format(tmp_path, ext):
     assert fps == 10.0 if ext not in (".png", ".jpg") else np.isnan(fps)   # a frame folder has no fps
 
 
+def test_probe_counts_the_frames_of_a_file_that_states_neither_count_nor_duration(tmp_path):
+    path = write_video(tmp_path / "live.mkv", 13, fps=10, options={"live": "1"})   # as streamed: no duration
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0 and container.duration is None
+    assert probe(path) == (13, 10.0)
+
+
 @pytest.fixture(scope="module")
 def long_videos(tmp_path_factory):
     """60 frames in each format, a key frame every 8 in the video files, so a clip can start past a key frame."""
