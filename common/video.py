@@ -42,14 +42,10 @@ def probe(path) -> tuple:
     path = Path(path)
     if path.is_dir():
         return len(list_frames(path)), float("nan")
-    if path.suffix.lower() == ".gif":
-        n = iio.improps(path).shape[0]
-        duration = iio.immeta(path).get("duration", 0) or 0   # milliseconds per frame
-        return n, (1000.0 / duration if duration else float("nan"))
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
-        n = stream.frames                          # mp4, mov and avi state it
+        n = stream.frames                          # mp4, mov, avi and gif state it
         if not n and rate and container.duration:  # webm and mkv state a duration instead (a longer audio
             n = round(Fraction(container.duration, av.time_base) * rate)   # track overstates it: see read_frames)
         if not n:                                  # neither: count the frames, the one slow case
@@ -65,10 +61,7 @@ def read_frames(path, indices) -> np.ndarray:
         files = list_frames(path)
         if indices[-1] >= len(files):
             raise EOFError(f"{path} has {len(files)} frames, needed {indices[-1] + 1}")
-        return _same_size([iio.imread(files[i], mode="RGB") for i in indices])
-    if path.suffix.lower() == ".gif":
-        frames = _take(enumerate(iio.imiter(path, mode="RGB")), indices, path)
-        return _same_size(frames)
+        return _same_size([iio.imread(files[i], plugin="pillow", mode="RGB") for i in indices])
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "NONE"   # one thread per file: workers decode files in parallel (module docstring)
