@@ -371,6 +371,16 @@ def test_loader_with_workers_yields_batches(tmp_path):
     assert batch["video"].shape == (2, 3, 8, 16, 16) and batch["label"].shape == (2,)
 
 
+def test_the_data_speed_benchmark_prints_one_line_per_format(tmp_path, capsys):
+    from eval import data_speed
+    data_speed.run(["--out", str(tmp_path), "--videos", "2", "--frames", "6", "--resolution", "16", "--clip", "4"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["format"] for r in lines] == ["mp4", "avi", "webm", "gif", "png frames"]
+    for r in lines:
+        assert r["decode_ratio"] > 0 and r["probe_ratio"] > 0 and set(r["clips_per_s"]) == {"0", "1", "2"}
+    assert len(list((tmp_path / "avi" / "UCF-101" / "Balls").glob("v_Balls_g01_c0*.avi"))) == 2
+
+
 def test_write_samples_produces_contract_files(tmp_path):
     import imageio.v3 as iio
     videos = to_uint8(torch.rand(3, 3, 5, 18, 14) * 2 - 1)
