@@ -9,7 +9,7 @@ import torch
 
 import common.data
 import common.video
-from common.data import StreamSampler, SyntheticVideos, fixed_batch, make_dataset, make_loader
+from common.data import StreamSampler, SyntheticVideos, clip_from_frames, fixed_batch, make_dataset, make_loader
 from common.errors import UserError
 from common.video import make_grid, probe, read_frames, to_uint8, write_samples
 from tests import toy_script
@@ -183,6 +183,18 @@ def test_a_container_that_overstates_its_length(tmp_path, ext):
     for seed in range(6):   # starts past frame 14 run out of frames: the clip falls back to the video's start
         levels = frame_levels(ds[(0, (0, seed))]["video"])
         assert np.allclose(np.diff(levels), 2 * LEVEL, atol=2.5) and levels[-1] <= 20 * LEVEL
+
+
+@pytest.mark.parametrize("h,w,r", [(48, 64, 16), (30, 20, 12), (24, 24, 24)])
+def test_clips_are_the_centre_crop_resized_with_antialiasing(h, w, r):
+    frames = np.random.default_rng(0).integers(0, 256, (3, h, w, 3), dtype=np.uint8)   # noise: aliasing shows
+    s = min(h, w)
+    crop = torch.from_numpy(frames[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]).float()
+    expected = torch.nn.functional.interpolate(crop.permute(0, 3, 1, 2), size=(r, r), mode="bilinear",
+                                               antialias=True, align_corners=False).permute(1, 0, 2, 3)
+    clip = clip_from_frames(frames, r)
+    assert clip.shape == (3, 3, r, r) and clip.dtype == torch.float32
+    assert ((clip + 1) * 127.5 - expected).abs().max() <= 1.0 + 1e-4   # resized as uint8: within one grey level
 
 
 def test_probe_results_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
