@@ -15,7 +15,7 @@ prints one JSON line per format:
   probe_ratio, decode_ratio ours / PyAV; below 1 is faster
   clips_per_s               clips at --resolution/2 (decode, crop, resize, batches of 8) through make_loader with
                             0, 1 and 2 worker processes, after the first batch. With 0 the main process decodes,
-                            between PyTorch ops whose OpenMP threads keep spinning: on 2 cores that slows decoding
+                            between PyTorch ops whose OpenMP threads keep spinning: on 2 cores that can slow it
                             several times (OMP_WAIT_POLICY=PASSIVE avoids it); training decodes in workers.
 Ours and PyAV are timed alternately, file by file, three times each, and the fastest time of each counts: a
 machine busy with other work slows both alike, so the ratios hold better than the absolute times.
