@@ -97,16 +97,16 @@ def _read_after_seek(container, stream, indices, path):
         return None
     container.seek(start + int(indices[0] / rate / stream.time_base), stream=stream)   # backward, to a key frame
 
-    def numbered():
-        previous = None
-        for frame in container.decode(stream):
+    def numbered():   # frames are counted from the first one decoded; each timestamp must agree with the count
+        first = None
+        for n, frame in enumerate(container.decode(stream)):
             if frame.pts is None:
                 raise LookupError
-            index = round((frame.pts - start) * stream.time_base * rate)
-            if (previous is None and index > indices[0]) or (previous is not None and index != previous + 1):
+            at = round((frame.pts - start) * stream.time_base * rate)
+            first = at if first is None else first
+            if at != first + n or first > indices[0]:
                 raise LookupError
-            previous = index
-            yield index, frame
+            yield first + n, frame
 
     try:
         return _take(numbered(), indices, path)

@@ -1,5 +1,6 @@
 """Datasets through the real decoders, on small files the tests write in each real layout."""
 import json
+from fractions import Fraction
 
 import av
 import imageio.v3 as iio
@@ -169,6 +170,26 @@ def test_a_clip_late_in_a_video_decodes_from_the_key_frame_before_it(long_videos
         stream = container.streams.video[0]
         keys = [round(p.pts * stream.time_base * stream.average_rate) for p in container.demux(stream) if p.is_keyframe]
     assert decoded == list(range(max(k for k in keys if k <= 44), 52)) and decoded[0] > 0
+
+
+def test_a_variable_frame_rate_video_is_decoded_from_its_first_frame(tmp_path):
+    """Frame timestamps that skip (a frame dropped every third) do not count frames one by one: after a seek the
+    clip's frames could not be found by timestamp, so read_frames decodes from frame 0 and counts."""
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.gop_size = 64, 48, "yuv420p", 8
+        stream.codec_context.time_base = Fraction(1, 25)
+        for k, image in enumerate(frames(40)):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = k + k // 3, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(path)) as container:
+        everything = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert len(everything) == 40
+    for start in (5, 17, 30):
+        assert np.array_equal(read_frames(path, range(start, start + 8)), everything[start:start + 8]), start
 
 
 @pytest.mark.parametrize("ext", [".mp4", ".avi"])
