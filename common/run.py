@@ -110,7 +110,7 @@ def _close_distributed():
 
 
 class RunLog:
-    """log.jsonl: one JSON object per logged step (stage, step, loss, lr, seconds). Rank 0 only.
+    """log.jsonl: one JSON object per logged step (stage, step, loss, lr, data_wait, seconds). Rank 0 only.
     A line may be written before its step's checkpoint, so a resumed stage first forgets the lines past the step
     it resumes from: after any kill, each step appears once."""
 

@@ -3,6 +3,7 @@ does resume, mixed precision, DDP, EMA, logging, periodic samples and atomic che
 """
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -149,11 +150,16 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         _restore_rng(run, resume_rng, seed, step)
     model.train()
     bar = tqdm(total=steps, initial=step, desc=stage, disable=not run.dist.is_main, dynamic_ncols=True)
+    waited = busy = 0.0   # seconds spent in next(loader), and in whole steps, since the last log line
     while step < steps:
+        began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         totals = {}
         for _ in range(accumulate):
-            batch = _to_device(next(loader), run.device)
+            fetch = time.perf_counter()
+            batch = next(loader)
+            waited += time.perf_counter() - fetch   # > 0 only when the loader's workers fall behind the step
+            batch = _to_device(batch, run.device)
             with autocast(run.device, run.dtype):
                 out = loss_fn(net, batch)
             out = out if isinstance(out, dict) else {"loss": out}
@@ -170,14 +176,19 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
             ema.update(model)
         step += 1
         samples += batch_size * accumulate * run.dist.world
+        busy += time.perf_counter() - began
         if step % log_every == 0 or step == steps:
             logged = {k: float(v) for k, v in totals.items()}
             if run.dist.world > 1:   # the mean over ranks, so the log does not depend on the world size
                 vals = torch.tensor(list(logged.values()), device=run.device)
                 dist.all_reduce(vals)
                 logged = dict(zip(logged, (vals / run.dist.world).tolist()))
-            run.log.write(stage=stage, step=step, **logged, lr=optimizer.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            # data_wait: this rank's share of the steps' time spent waiting for batches (0 = data keeps up)
+            data_wait = waited / busy if busy > 0 else 0.0
+            waited = busy = 0.0
+            run.log.write(stage=stage, step=step, **logged, lr=optimizer.param_groups[0]["lr"],
+                          data_wait=round(data_wait, 4))
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", data=f"{data_wait:.0%}")
         bar.update(1)
         if save_every and step % save_every == 0 and step < steps:
             save()

@@ -1,28 +1,36 @@
 """Reading and writing real video files.
 
-Decoding goes through imageio's pyav plugin (FFmpeg's libraries inside the `av` wheel): it reads the frame count
-and fps from the container without decoding, and stops decoding once a clip's last frame is reached. Frame folders
-(SkyTimelapse, TaiChi) are read with imageio's image plugins. Everything returns uint8 arrays (T, H, W, 3).
+Video files (.mp4 .avi .webm .mkv .mov .gif) are read with PyAV (FFmpeg's libraries inside the `av` wheel) used
+directly; frame folders (SkyTimelapse, TaiChi) with imageio's Pillow plugin, only the images a clip needs.
+- probe: the frame count and fps from the container's metadata (mp4's sample table, avi's header, GIF, the duration
+  x fps of webm/mkv); only a file that states neither is decoded to count its frames.
+- read_frames: open once, seek to the key frame before the clip's first frame (containers with an index; each frame's
+  index comes from its timestamp, and decoding restarts at frame 0 when timestamps do not count frames one by one),
+  decode forward to the clip's last frame, and convert to RGB only the frames kept. One decoding thread per file:
+  DataLoader workers decode files in parallel, and on small frames FFmpeg's thread pool costs more than it saves.
+
+Why, measured side by side on a shared 2-core Xeon (README, "Data speed"): imageio's pyav plugin, used before,
+decoded a whole file to probe it, 267 ms per 16-frame 64x64 H.264 file against 1.6 ms now, and read an 8-frame clip
+in 114 ms against 4.5 ms. Probing now costs under 1 ms per file in every format, and a clip decodes in 0.6 to 1.1x
+the time of PyAV used as its documentation shows (decode from the first frame, default threads).
+
+Everything returns uint8 arrays (T, H, W, 3): grey, grey+alpha, palette and RGBA frames are converted to RGB (alpha
+dropped), and a frame whose size differs from the clip's first frame is resized to it.
 """
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import imageio.v3 as iio
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.files import atomic_write
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".gif", ".mov", ".mkv")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
-
-
-def _rgb(frame: np.ndarray) -> np.ndarray:
-    """Grey or RGBA frame -> (H, W, 3) uint8."""
-    if frame.ndim == 2:
-        frame = frame[..., None]
-    if frame.shape[-1] == 1:
-        frame = np.repeat(frame, 3, axis=-1)
-    return np.ascontiguousarray(frame[..., :3])
+SEEKABLE = (".mp4", ".avi", ".webm", ".mov", ".mkv")   # containers with an index of key frames
 
 
 def list_frames(folder) -> list:
@@ -31,18 +39,20 @@ def list_frames(folder) -> list:
 
 
 def probe(path) -> tuple:
-    """(number of frames, fps) of a video file or frame folder, read from metadata where the container has it.
-    Raises OSError/ValueError for an unreadable file."""
+    """(number of frames, fps) of a video file or frame folder, from metadata where the container has it.
+    Raises av.FFmpegError, or IndexError for a file without a video stream, when the file is unreadable."""
     path = Path(path)
     if path.is_dir():
         return len(list_frames(path)), float("nan")
-    if path.suffix.lower() == ".gif":
-        n = iio.improps(path).shape[0]
-        duration = iio.immeta(path).get("duration", 0) or 0   # milliseconds per frame
-        return n, (1000.0 / duration if duration else float("nan"))
-    n = iio.improps(path, plugin="pyav").shape[0]
-    fps = iio.immeta(path, plugin="pyav").get("fps", float("nan"))
-    return int(n), float(fps)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        n = stream.frames                          # mp4, mov, avi and gif state it
+        if not n and rate and container.duration:  # webm and mkv state a duration instead (a longer audio
+            n = round(Fraction(container.duration, av.time_base) * rate)   # track overstates it: see read_frames)
+        if not n:                                  # neither: count the frames, the one slow case
+            n = sum(1 for _ in container.decode(stream))
+    return int(n), (float(rate) if rate else float("nan"))
 
 
 def read_frames(path, indices) -> np.ndarray:
@@ -53,17 +63,67 @@ def read_frames(path, indices) -> np.ndarray:
         files = list_frames(path)
         if indices[-1] >= len(files):
             raise EOFError(f"{path} has {len(files)} frames, needed {indices[-1] + 1}")
-        return np.stack([_rgb(iio.imread(files[i])) for i in indices])
-    wanted, out = set(indices), {}
-    frames = iio.imiter(path) if path.suffix.lower() == ".gif" else iio.imiter(path, plugin="pyav")
-    for i, frame in enumerate(frames):
-        if i in wanted:
-            out[i] = _rgb(frame)
-        if i >= indices[-1]:
-            break
-    if len(out) < len(wanted):
-        raise EOFError(f"{path} ended after {i + 1} frames, needed {indices[-1] + 1}")
-    return np.stack([out[i] for i in indices])
+        return _same_size([iio.imread(files[i], plugin="pillow", mode="RGB") for i in indices])
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "NONE"   # one thread per file: workers decode files in parallel (module docstring)
+        frames = None
+        if path.suffix.lower() in SEEKABLE and indices[0] > 0:
+            frames = _read_after_seek(container, stream, indices, path)
+            if frames is None:        # the seek was unreliable: back to the start
+                container.seek(0)
+        if frames is None:
+            frames = _take(enumerate(container.decode(stream)), indices, path)
+        return _same_size([f.to_ndarray(format="rgb24") for f in frames])   # only the kept frames become RGB
+
+
+def _take(numbered, indices, path) -> list:
+    """The items of an iterator of (frame index, frame) at `indices`, stopping after the last one."""
+    wanted, out, last = set(indices), {}, -1
+    for last, frame in numbered:
+        if last in wanted:
+            out[last] = frame
+        if last >= indices[-1]:
+            return [out[i] for i in indices]
+    raise EOFError(f"{path} ended after {last + 1} frames, needed {indices[-1] + 1}")
+
+
+def _read_after_seek(container, stream, indices, path):
+    """The frames at `indices`, decoded from the key frame before the first: each frame's index is its
+    presentation time x the frame rate. None when the timestamps do not count frames one by one (a variable frame
+    rate, missing timestamps, or a seek that landed after the clip's start): the caller decodes from frame 0."""
+    rate, start = stream.average_rate or stream.guessed_rate, stream.start_time or 0
+    if not rate:
+        return None
+    container.seek(start + int(indices[0] / rate / stream.time_base), stream=stream)   # backward, to a key frame
+
+    def numbered():   # frames are counted from the first one decoded; each timestamp must agree with the count
+        first = None
+        for n, frame in enumerate(container.decode(stream)):
+            if frame.pts is None:
+                raise LookupError
+            at = round((frame.pts - start) * stream.time_base * rate)
+            first = at if first is None else first
+            if at != first + n or first > indices[0]:
+                raise LookupError
+            yield first + n, frame
+
+    try:
+        return _take(numbered(), indices, path)
+    except LookupError:
+        return None
+
+
+def _same_size(frames: list) -> np.ndarray:
+    """Stack (H, W, 3) uint8 frames, resizing any whose size differs from the first frame's (antialiased
+    bilinear): a frame folder can mix sizes, and a stream can change size mid-way."""
+    H, W = frames[0].shape[:2]
+    for k, f in enumerate(frames):
+        if f.shape[:2] != (H, W):
+            x = torch.from_numpy(f).permute(2, 0, 1)[None].float()                   # (H', W', 3) -> (1, 3, H', W')
+            x = F.interpolate(x, size=(H, W), mode="bilinear", antialias=True, align_corners=False)
+            frames[k] = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return np.stack(frames)
 
 
 # --- writing ---

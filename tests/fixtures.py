@@ -59,16 +59,30 @@ def frames(n, h=48, w=64):
     return v
 
 
-def write_video(path, n, fps=25, h=48, w=64):
+def write_video(path, n, fps=25, h=48, w=64, gop=None, options=None):
+    """n frames of `frames` as .avi (mpeg4, as UCF-101), .mp4 (H.264), .webm (VP9) or .mkv (VP8); a key frame every
+    `gop` frames (the encoder's default: one for the whole of these short files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    codec = {".avi": "mpeg4", ".mp4": "libx264", ".webm": "libvpx-vp9"}[path.suffix]
-    with av.open(str(path), "w") as container:   # PyAV directly, for a bitrate high enough to keep grey levels
+    codec = {".avi": "mpeg4", ".mp4": "libx264", ".webm": "libvpx-vp9", ".mkv": "libvpx"}[path.suffix]
+    with av.open(str(path), "w", options=options or {}) as container:   # PyAV: a bitrate that keeps grey levels
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt, stream.bit_rate = w, h, "yuv420p", 20_000_000
+        if gop:
+            stream.gop_size = gop
         for frame in frames(n, h, w):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
+    return path
+
+
+def write_overstated(path, n, real):
+    """A video whose container states n frames but holds only the first `real`: written whole (mp4 with its
+    index first), then cut where frame `real`'s packet starts, as an interrupted download leaves it."""
+    path = write_video(path, n, options={"movflags": "faststart"} if Path(path).suffix == ".mp4" else None)
+    with av.open(str(path)) as container:
+        starts = [packet.pos for packet in container.demux(video=0) if packet.size]
+    path.write_bytes(path.read_bytes()[:starts[real]])
     return path
 
 
