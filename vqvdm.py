@@ -493,8 +493,9 @@ class UNet3D(nn.Module):
         # Eq. (6): emb_fps = Linear(SiLU(Linear(PE(fps)))), "the same form as the timestep embedding"
         self.fps_mlp = nn.Sequential(nn.Linear(cfg.ch, emb), nn.SiLU(), nn.Linear(emb, emb)) if cfg.fps_cond else None
         self.label_emb = nn.Embedding(self.num_classes + 1, emb) if self.num_classes else None
-        self.register_buffer("latent_shift", torch.tensor(0.0))   # z_diff = scale (z + shift), from training latents
-        self.register_buffer("latent_scale", torch.tensor(1.0))
+        # z_diff = scale (z + shift) per channel, mapping the codebook's range onto [-1, 1] (set_latent_range)
+        self.register_buffer("latent_shift", torch.zeros(cfg.z_channels, 1, 1, 1))
+        self.register_buffer("latent_scale", torch.ones(cfg.z_channels, 1, 1, 1))
 
         def block(cin, cout, ds):
             layers = [ResBlock(cin, cout, emb, cfg.dropout)]
@@ -548,7 +549,7 @@ class UNet3D(nn.Module):
         return self.out(h)
 
     def to_diffusion(self, z):
-        """VQGAN latents -> the diffused latents, scale (z + shift)."""
+        """VQGAN latents (B, d, l, h, w) -> the diffused latents, scale (z + shift), in [-1, 1]."""
         return (self.latent_scale * (z.float() + self.latent_shift)).float()
 
     def from_diffusion(self, z):
@@ -624,14 +625,17 @@ def latents(vq: VQGAN3D, x, kind: str):
 
 
 @torch.no_grad()
-def set_latent_stats(unet: UNet3D, vq: VQGAN3D, data, cfg: Config, device, batches=4, batch_size=8):
-    """shift = -mean, scale = 1 / std of training latents, so that the diffused latents have zero mean and unit
-    variance (ours; the paper does not say how its latents are scaled)."""
-    z = torch.cat([latents(vq, fixed_batch(data, batch_size, start=i * batch_size)["video"].to(device),
-                           cfg.latent).float() for i in range(batches)])
-    unet.latent_shift.fill_(-z.mean().item())
-    unet.latent_scale.fill_(1.0 / z.std().item())
-    return unet.latent_shift.item(), unet.latent_scale.item()
+def set_latent_range(unet: UNet3D, vq: VQGAN3D):
+    """shift and scale that map each channel's range over the codebook onto [-1, 1] (ours, as the medicaldiffusion
+    code does for TATS latents; the paper does not say how its latents are scaled). z_e sits on or near a code,
+    so the diffused latents live where DDPM's pixels do, and sampling clips x0_hat to [-1, 1] as DDPM does: with
+    beta from 1e-4 to 0.02, alpha_bar_T = 4e-5 and an unclipped x0_hat = (z_t - sqrt(1 - alpha_bar) eps_hat) /
+    sqrt(alpha_bar) multiplies the error of eps_hat by up to 157 (the unclipped sampler diverged, std 5-9)."""
+    e = vq.codebook.embed.weight.float()                           # (n_codes, d)
+    lo, hi = e.min(dim=0).values, e.max(dim=0).values
+    unet.latent_shift.copy_((-(lo + hi) / 2).reshape(-1, 1, 1, 1))
+    unet.latent_scale.copy_((2 / (hi - lo).clamp_min(1e-6)).reshape(-1, 1, 1, 1))
+    return lo.tolist(), hi.tolist()
 
 
 def train(args):
@@ -687,8 +691,9 @@ def train(args):
 
     # stage 2: the latent diffusion model, joint class-conditional and unconditional (§2.3, §2.4)
     if not run.has("diffusion"):
-        shift, scale = set_latent_stats(unet, vq, data, cfg, dev)
-        run.print(f"diffusion: latent shift {shift:.4f}, scale {scale:.4f} (from training latents)")
+        lo, hi = set_latent_range(unet, vq)
+        run.print("diffusion: the codebook's range per channel, " + ", ".join(f"[{a:.2f}, {b:.2f}]" for a, b in
+                                                                                zip(lo, hi)) + ", maps onto [-1, 1]")
     labels = torch.arange(8) % cfg.num_classes if cfg.num_classes else None
 
     def loss(net, batch):
@@ -740,10 +745,11 @@ def generate(unet: UNet3D, vq: VQGAN3D, sched: Schedule, cfg: Config, *, n, labe
         eps_fn = eps(labels) if guidance == 1 else guided(eps(labels), eps(unet.null_label(n, device)), guidance,
                                                           cfg_vqvdm)
     z_T = noise(torch.empty(n, cfg.z_channels, l, h, h))
+    # x0_hat clipped to [-1, 1], the codebook's range (set_latent_range), as DDPM clips pixels
     if sampler == "ddpm":
-        z = ddpm_sample(eps_fn, z_T, sched, steps, noise_fn=noise, progress=progress)
+        z = ddpm_sample(eps_fn, z_T, sched, steps, clip_x0=1.0, noise_fn=noise, progress=progress)
     else:
-        z = ddim_sample(eps_fn, z_T, sched, steps, eta=eta, noise_fn=noise, progress=progress)
+        z = ddim_sample(eps_fn, z_T, sched, steps, eta=eta, clip_x0=1.0, noise_fn=noise, progress=progress)
     z = unet.from_diffusion(z)
     if requantize and cfg.latent == "z_e":
         z = vq.quantize(z)
