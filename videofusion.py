@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import build_parser, check_steps, config_from_args, eval_settings, flag, main
+from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, LABELLED, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
 from common.errors import UserError
@@ -61,24 +61,26 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(1000, "joint base + residual training steps")
-    ae_steps: int = flag(1000, "autoencoder steps (with --space latent)")
-    base_steps: int = flag(300, "base generator pretraining steps on single frames, 0 to skip (Table 6)")
-    batch_size: int = flag(8, "clips per step and process")
-    lr: float = flag(1e-3, "learning rate (AdamW)")
-    seed: int = flag(0, "random seed")
-    sample_every: int = flag(500, "write a sample GIF every N steps (0: never)")
-    save_every: int = flag(500, "checkpoint every N steps")
+    steps: int = flag(1000, "joint base + residual training steps", lo=1)
+    ae_steps: int = flag(1000, "autoencoder steps (with --space latent)", lo=1)
+    base_steps: int = flag(300, "base generator pretraining steps on single frames, 0 to skip (Table 6)", lo=0)
+    batch_size: int = flag(8, "clips per step and process", lo=1)
+    lr: float = flag(1e-3, "learning rate (AdamW)", lo=0, lo_open=True)
+    seed: int = flag(0, "random seed", lo=0, hi=SEED_MAX)
+    sample_every: int = flag(500, "write a sample GIF every N steps (0: never)", lo=0)
+    save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", lo=0)
     # the paper's method
-    frames: int = flag(8, "frames per clip (N)")
-    resolution: int = flag(32, "frame height and width")
-    lam: float = flag(0.5, "lam, the share of the base noise in each frame's noise (Table 5)")
+    frames: int = flag(8, "frames per clip (N): a key frame and at least one residual frame", lo=2)
+    resolution: int = flag(32, "frame height and width", lo=1)
+    lam: float = flag(0.5, "lam, the share of the base noise in each frame's noise (Table 5)", lo=0, hi=1,
+                      lo_open=True, hi_open=True)
     joint: str = flag("stop-grad", "how the base prediction enters the residual loss (Table 7)",
                       choices=["stop-grad", "full", "fixed"])
     space: str = flag("pixel", "diffuse pixels, or latents of a per-frame 2D autoencoder",
                       choices=["pixel", "latent"])
     class_cond: bool = flag(True, "condition on the class label, with classifier-free guidance")
-    p_uncond: float = flag(0.1, "probability of dropping the label in training (joint cond./uncond.)")
+    p_uncond: float = flag(0.1, "probability of dropping the label in training (joint cond./uncond.)", lo=0,
+                           hi=1)
     schedule: str = flag("linear", "beta schedule", choices=["linear", "sqrt_linear", "cosine"])
     # architecture (presets only)
     base_ch: int = 32
@@ -483,12 +485,13 @@ def report_sizes(cfg, model, ae, print_fn=print):
 
 def check_config(cfg: Config, stage: str):
     """Mistakes the flags alone reveal, reported before any data is read."""
-    if not 0 < cfg.lam < 1:
-        raise UserError(f"--lam must lie strictly between 0 and 1, got {cfg.lam}")
-    if cfg.frames < 2:
-        raise UserError(f"--frames must be at least 2 (a key frame and a residual frame), got {cfg.frames}")
     if cfg.space == "latent" and cfg.resolution % cfg.ae_factor:
         raise UserError(f"--resolution {cfg.resolution} is not divisible by the autoencoder factor {cfg.ae_factor}")
+    size = cfg.resolution // cfg.ae_factor if cfg.space == "latent" else cfg.resolution
+    halvings = max(len(cfg.base_mult), len(cfg.res_mult)) - 1      # each U-Net level but the last halves H and W
+    if size % 2 ** halvings:
+        raise UserError(f"--resolution {cfg.resolution} gives {size}x{size} {cfg.space} frames, which the U-Nets halve "
+                        f"{halvings} times: use a multiple of {cfg.resolution // size * 2 ** halvings}")
     if stage == "ae" and cfg.space != "latent":
         raise UserError("--stage ae trains the autoencoder of --space latent; pixel space has none")
 
@@ -722,7 +725,7 @@ def cli(argv=None):
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="Alg. 1 (DDPM; --steps below T respaces it) or Alg. 2 (DDIM)")
     s.set_defaults(steps=100)
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: Alg. 2 as written)")
+    s.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="DDIM stochasticity (0: Alg. 2 as written)")
     s.add_argument("--share", default=None, choices=["base", "residual"],
                    help="Figure 1: videos in a grid row share their base (or residual) noise")
     args = parser.parse_args(argv)

@@ -157,7 +157,7 @@ def test_a_resumed_stage_logs_each_step_once_and_stale_temporary_files_go(tmp_pa
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["train", "--batch-size", "many"], "invalid int value"),
+    (["train", "--batch-size", "many"], "--batch-size must be an integer >= 1, got many"),
     (["train", "--data", "ucf101", "--data-root", "/no/such/dir"], "UCF-101 not found at /no/such/dir"),
     (["sample", "--run", "/no/such/run"], "train one first with `python toy.py train --run /no/such/run`"),
     (["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--precision", "x"], ""),
