@@ -48,7 +48,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from common.checkpoint import find_checkpoint, load_checkpoint
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
 from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample, guided
@@ -565,7 +565,7 @@ def init_from_short(model: UNet3D, short_state: dict):
             own[key][:, :value.shape[1]] = value
         else:
             own[key] = value
-    model.load_state_dict(own)
+    load_state_checked(model, own, "the short model's EMA weights")
 
 
 # --- Training ---
@@ -610,7 +610,7 @@ def load_autoencoder(run_dir, cfg: Config, device) -> Autoencoder3D:
         raise UserError(f"no autoencoder in {run_dir}: run `python {SCRIPT}.py train --stage ae` first")
     state = load_checkpoint(path, SCRIPT, {k: getattr(cfg, k) for k in AE_ARCH}, device)["model"]
     ae = Autoencoder3D(cfg).to(device)
-    ae.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("ae.")})
+    load_state_checked(ae, {k[3:]: v for k, v in state.items() if k.startswith("ae.")}, path)
     return ae.eval().requires_grad_(False)
 
 
@@ -857,12 +857,12 @@ def load_models(run_dir, device, need=("short",)):
         if not path.exists():
             raise UserError(f"no {name} model in {run_dir} ({name}.pt): run `python {SCRIPT}.py train --stage {name}`"
                             f" (or `train` for every stage)")
-        ckpt = load_checkpoint(path, SCRIPT, None if cfg is None else {k: getattr(cfg, k) for k in ARCH}, mmap=True)
+        ckpt = load_checkpoint(path, SCRIPT, None if cfg is None else {k: getattr(cfg, k) for k in ARCH}, mmap=True,
+                               entries=("ema",))
         if "ema" not in ckpt:
             raise UserError(f"{path} is not a diffusion checkpoint")
-        cfg = cfg or Config(**ckpt["config"])
-        unet = UNet3D(cfg, conditional=name != "short")
-        unet.load_state_dict(ckpt["ema"]["model"])
+        cfg = cfg or config_from_checkpoint(Config, ckpt, path)
+        unet = load_state_checked(UNet3D(cfg, conditional=name != "short"), ckpt["ema"]["model"], path)
         models[name] = unet.to(device).eval()
     return models, cfg
 
@@ -872,7 +872,7 @@ def sampling_setup(args, device):
     length, the prediction (and interpolation) model for longer ones."""
     path = find_checkpoint(SCRIPT, args.run, args.ckpt, stage="short")
     run_dir = path.parent
-    cfg = Config(**load_checkpoint(path, SCRIPT, mmap=True)["config"])
+    cfg = config_from_checkpoint(Config, load_checkpoint(path, SCRIPT, mmap=True, entries=()), path)
     frames = args.frames or cfg.frames
     if not 0 <= args.cond_noise < cfg.cond_noise_max:
         raise UserError(f"--cond-noise must be below the s_max this run trained with ({cfg.cond_noise_max}), "

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from common.checkpoint import find_checkpoint, load_checkpoint
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
 from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample
@@ -548,9 +548,9 @@ def load_ae(run_dir, cfg, device):
     match = {k: getattr(cfg, k) for k in AE_ARCH}
     if (run_dir / "gan.pt").exists():
         state = load_checkpoint(run_dir / "gan.pt", SCRIPT, match, device)["model"]
-        ae.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("ae.")})
+        load_state_checked(ae, {k[3:]: v for k, v in state.items() if k.startswith("ae.")}, run_dir / "gan.pt")
     elif (run_dir / "ae.pt").exists():
-        ae.load_state_dict(load_checkpoint(run_dir / "ae.pt", SCRIPT, match, device)["model"])
+        load_state_checked(ae, load_checkpoint(run_dir / "ae.pt", SCRIPT, match, device)["model"], run_dir / "ae.pt")
     else:
         raise UserError(f"no autoencoder in {run_dir}: run `python {SCRIPT}.py train --stage ae` first")
     return ae.eval().requires_grad_(False)
@@ -671,9 +671,8 @@ def load_for_sampling(args, device):
     ckpt = load_checkpoint(path, SCRIPT, map_location=device)
     if "ema" not in ckpt:
         raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint, not a diffusion one: pass diffusion.pt")
-    cfg = Config(**ckpt["config"])
-    unet = PlaneUNet(cfg).to(device)
-    unet.load_state_dict(ckpt["ema"]["model"])
+    cfg = config_from_checkpoint(Config, ckpt, path)
+    unet = load_state_checked(PlaneUNet(cfg).to(device), ckpt["ema"]["model"], path)
     return cfg, Schedule.make(cfg.schedule, cfg.timesteps), unet.eval(), load_ae(path.parent, cfg, device), path
 
 

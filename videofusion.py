@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common.checkpoint import find_checkpoint, load_checkpoint
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
 from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, LABELLED, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
@@ -471,7 +471,8 @@ def load_frame_autoencoder(ae: "FrameAutoencoder", run_dir, cfg: Config) -> "Fra
     if not (run_dir / "ae.pt").exists():
         raise UserError(f"--space latent needs the autoencoder first: run `python {SCRIPT}.py train --stage ae`")
     device = next(ae.parameters()).device
-    ae.load_state_dict(load_checkpoint(run_dir / "ae.pt", SCRIPT, {k: getattr(cfg, k) for k in ARCH}, device)["model"])
+    ckpt = load_checkpoint(run_dir / "ae.pt", SCRIPT, {k: getattr(cfg, k) for k in ARCH}, device)
+    load_state_checked(ae, ckpt["model"], run_dir / "ae.pt")
     return ae.eval().requires_grad_(False)
 
 
@@ -573,7 +574,7 @@ def train(args):
         # whether that stage ran in this command or an earlier one (a resumed stage has its own weights)
         if run.has("base-pretrain") and not run.has("diffusion"):
             pretrained = load_checkpoint(run.checkpoint("base-pretrain"), SCRIPT, match, run.device)
-            model.base.load_state_dict(pretrained["model"])
+            load_state_checked(model.base, pretrained["model"], run.checkpoint("base-pretrain"))
             run.print("diffusion: starting the base generator from base-pretrain.pt")
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -664,9 +665,9 @@ def load_for_sampling(args, device):
     ckpt = load_checkpoint(path, SCRIPT, map_location=device)
     if "ema" not in ckpt:
         raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint, not a diffusion one: pass diffusion.pt")
-    cfg = Config(**ckpt["config"])
+    cfg = config_from_checkpoint(Config, ckpt, path)
     sched, model, ae = build(cfg, device)
-    model.load_state_dict(ckpt["ema"]["model"])
+    load_state_checked(model, ckpt["ema"]["model"], path)
     if ae is not None:
         ae = load_frame_autoencoder(ae, path.parent, cfg)
     return cfg, sched, model.eval(), ae, path
