@@ -54,6 +54,7 @@ from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample, guided
 from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.files import output_folder
 from common.gan import PatchGAN, adaptive_weight, frozen, hinge_d_loss, hinge_g_loss, started
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
@@ -898,10 +899,10 @@ def sample(args):
     check_steps(sched, ("--steps", args.steps))
     if args.label is not None:
         raise UserError("LVDM is unconditional on classes: --label does not apply")
+    out = output_folder(args.out or run_dir / "samples" / ("sample" if frames <= cfg.frames else args.mode))
     videos = generate(models, ae, sched, cfg, args, n=args.n, frames=frames, seed=args.seed, device=device,
                       dtype=pick_precision(args.precision, device), progress=True)
     how = "short model" if frames <= cfg.frames else args.mode
-    out = Path(args.out or run_dir / "samples" / ("sample" if frames <= cfg.frames else args.mode))
     write_samples(out, videos)
     print(f"wrote {args.n} videos of {frames} frames ({how}) to {out}/ (grid.gif, samples.npz, video_*.mp4)")
 

@@ -34,7 +34,6 @@ step, autoencoder and discriminator steps alternating 1:1, only the discriminato
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -48,6 +47,7 @@ from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample
 from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.files import output_folder
 from common.gan import PatchGAN, feature_matching, frozen, generator_turn, hinge_d_loss, hinge_g_loss
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
@@ -683,10 +683,10 @@ def sample(args):
     check_steps(sched, ("--steps", args.steps), ("--cond-steps", args.cond_steps))
     if args.label is not None or args.guidance:
         raise UserError("PVDM is unconditional on classes: --label and --guidance do not apply")
+    out = output_folder(args.out or path.parent / "samples" / "sample")
     videos, _ = generate(unet, ae, sched, cfg, n=args.n, frames=frames, steps=args.steps,
                          cond_steps=args.cond_steps, eta=args.eta, seed=args.seed, device=device,
                          dtype=pick_precision(args.precision, device), progress=True)
-    out = Path(args.out or path.parent / "samples" / "sample")
     write_samples(out, to_uint8(videos))
     print(f"wrote {args.n} videos of {frames} frames ({math.ceil(frames / cfg.frames)} clips of {cfg.frames}) "
           f"to {out}/ (grid.gif, samples.npz, video_*.mp4)")

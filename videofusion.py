@@ -31,7 +31,6 @@ perceptual or adversarial loss).
 """
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -45,6 +44,7 @@ from common.data import DATASETS, LABELLED, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
 from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.files import output_folder
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
 from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
@@ -688,10 +688,10 @@ def sample(args):
     elif args.label is not None:
         raise UserError(f"{path} is unconditional: --label needs a run trained with --class-cond")
     check_frames(args.frames, cfg)
+    out = output_folder(args.out or path.parent / "samples" / (f"share-{args.share}" if args.share else "sample"))
     videos = generate(model, ae, sched, cfg, n=args.n, steps=args.steps, frames=args.frames, sampler=args.sampler,
                       eta=args.eta, labels=labels, guidance=args.guidance, share=args.share, seed=args.seed,
                       device=device, dtype=pick_precision(args.precision, device), progress=True)
-    out = Path(args.out or path.parent / "samples" / (f"share-{args.share}" if args.share else "sample"))
     write_samples(out, to_uint8(videos), None if labels is None else labels.numpy())
     print(f"wrote {args.n} videos to {out}/ (grid.gif, samples.npz, video_*.mp4)")
 

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 from common.errors import UserError
 

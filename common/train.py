@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from common.checkpoint import load_checkpoint, load_state_checked, rng_state, save_checkpoint, set_rng_state
 from common.data import make_loader
 from common.errors import UserError
-from common.files import atomic_write
+from common.files import atomic_write, remove_stale_temporaries
 from common.run import EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything
 
 
@@ -39,8 +39,7 @@ class Run:
         world, dev = init_distributed(device)
         run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
-            for stale in run_dir.glob(".*.tmp*"):     # a killed save's leftovers; a finished write leaves none
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(run_dir)      # a killed save's leftovers, before the folder is checked
             check_run_dir(run_dir, must_match or {})
             text = json.dumps({"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)
             saved = run_dir / "config.json"

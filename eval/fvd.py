@@ -11,14 +11,13 @@ cubic-kernel MMD^2.
 """
 import argparse
 
-import numpy as np
-
 from common.cli import SEED_MAX, Parser, add_output_flags, main, number
 from common.errors import UserError
 from common.evaluate import fvd_kvd, fvd_windows, i3d_features, report
+from common.files import output_file
 from common.i3d import MIN_FRAMES, load_i3d
 from common.run import pick_device
-from common.sources import npz_resolution, parse_source
+from common.sources import npz_resolution, npz_videos, parse_source
 
 
 def parser():
@@ -45,6 +44,8 @@ def run(argv=None):
     args = parser().parse_args(argv)
     device = pick_device(args.device)
     parse_source(args.real), parse_source(args.fake)        # bad specs fail before anything is loaded
+    if args.out:
+        output_file(args.out)
     resolution = args.resolution or npz_resolution(args.fake) or npz_resolution(args.real) or 256
     i3d = load_i3d(args.i3d, device)                       # a missing weight file fails before any decoding
     both_sides = dict(i3d=i3d, i3d_path=args.i3d, seed=args.seed, split=args.split, batch_size=args.batch_size,
@@ -56,8 +57,7 @@ def run(argv=None):
         kind, path = parse_source(args.fake)
         if kind != "npz":
             raise UserError("--curve reads long videos from a samples.npz: pass --fake .../samples.npz")
-        with np.load(path) as f:
-            videos = f["videos"][:args.n]                                   # (N, T_long, H, W, 3) uint8
+        videos = npz_videos(path)[:args.n]                                  # (N, T_long, H, W, 3) uint8
         if videos.shape[1] < args.frames:
             raise UserError(f"{path} holds {videos.shape[1]}-frame videos, shorter than one {args.frames}-frame window")
         curve = fvd_windows(real, videos, args.frames, i3d, args.batch_size, device)

@@ -13,8 +13,9 @@ from common.cli import Parser, add_output_flags, main, number
 from common.errors import UserError
 from common.evaluate import c3d_probs, report
 from common.metrics import inception_score
+from common.files import output_file
 from common.run import pick_device
-from common.sources import npz_resolution, video_batches
+from common.sources import npz_resolution, parse_source, video_batches
 
 
 def parser():
@@ -34,6 +35,9 @@ def parser():
 def run(argv=None):
     args = parser().parse_args(argv)
     device = pick_device(args.device)
+    parse_source(args.fake)                                # a bad spec or npz fails before anything is loaded
+    if args.out:
+        output_file(args.out)
     c3d = load_c3d(args.c3d, args.c3d_mean, device)        # missing weights fail before any decoding
     resolution = args.resolution or npz_resolution(args.fake) or 128
     count, batches = video_batches(args.fake, args.n, 16, resolution, real=False, batch_size=args.batch_size)
