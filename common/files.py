@@ -57,6 +57,8 @@ def output_file(path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder, not a file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
