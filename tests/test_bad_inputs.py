@@ -102,6 +102,7 @@ def world(tmp_path_factory):
         lvdm.cli(["train", "--run", str(runs["lvdm"]), "--stage", "ae", *L_FLAGS])
         lvdm.cli(["train", "--run", str(runs["lvdm"]), "--stage", "short", *L_FLAGS])
     places = {"pvdm": runs["pvdm"], "vf": runs["videofusion"], "lvdm": runs["lvdm"], "scratch": root / "scratch"}
+    # lvdm samples from a mapped file and reads only the EMA weights, saved after the model and optimizer: 7/8 in
     for script, stage, at in (("pvdm", "diffusion", 0.5), ("videofusion", "diffusion", 0.5), ("lvdm", "short", 7 / 8)):
         for how, damage in {**DAMAGE, "flipped": lambda p: flip(p, at)}.items():
             copy = root / "damaged" / f"{script}-{how}"
@@ -144,6 +145,7 @@ CASES = [
     (train("pvdm", "--ae-lr=-1e-3"), "--ae-lr must be"),
     (train("pvdm", "--seed", "1e23"), "--seed must be an integer between 0 and"),
     (train("pvdm", "--seed", "-1"), "--seed must be an integer between 0 and"),
+    (train("pvdm", "--seed", str(2 ** 63)), "--seed must be an integer between 0 and 9223372036854775807"),
     (train("pvdm", "--patch", "0"), "--patch must be an integer >= 1"),
     (train("pvdm", "--patch", "3"), "not divisible by --patch 3"),
     (train("pvdm", "--steps", "-1"), "--steps must be an integer >= 1"),
