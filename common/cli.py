@@ -42,17 +42,17 @@ def number(kind: type, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool
     else:
         bounds = ([f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []) + \
                  ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
-    what = " and ".join([("an integer " if kind is int else "a finite number ") + (bounds or [""])[0], *bounds[1:]])
+    what = f"{'an integer' if kind is int else 'a finite number'} {' and '.join(bounds)}".strip()
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            value = math.nan
+            value = math.nan             # not a number at all: the same sentence
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
         too_high = hi is not None and (value >= hi if hi_open else value > hi)
         if not math.isfinite(value) or too_low or too_high:
-            raise argparse.ArgumentTypeError(f"must be {what.strip()}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     return parse
 
