@@ -12,11 +12,10 @@ the one atomic rename keeps weights and sums together; and one sum per entry, no
 lazy: `entries=("ema",)` verifies and returns the EMA weights without reading the optimizer state from disk.
 Checkpoints written before checksums existed (same format 2, no `checksums` entry) still load, unverified.
 """
+import dataclasses
 import hashlib
 import random
 from pathlib import Path
-
-import dataclasses
 
 import numpy as np
 import torch
