@@ -88,43 +88,53 @@ def one_step(generate):
     return lambda *a, **kw: generate(*a, **{**kw, **{k: 1 for k in ("steps", "cond_steps") if k in kw}})
 
 
+class World(dict):
+    """{placeholder: path} for the table's argv: malformed npz files and a regular file to put folders under, made
+    at once; a script's trained run ("pvdm", "videofusion", "lvdm") and the damaged copies of its sampling checkpoint
+    ("pvdm-flipped", ...) are trained the first time a case names one, so the cases that need no run need no
+    training."""
+    SAMPLED = {"pvdm": "diffusion", "videofusion": "diffusion", "lvdm": "short"}     # the checkpoint sample reads
+
+    def __init__(self, root):
+        super().__init__(scratch=root / "scratch", npz=root / "npz")
+        self.root = root
+        self["scratch"].mkdir()
+        (self["scratch"] / "a-file").write_text("a file, not a folder")
+        self["npz"].mkdir()
+        videos = np.zeros((2, 16, 8, 8, 3), np.uint8)
+        np.savez(self["npz"] / "ok.npz", videos=videos)
+        (self["npz"] / "empty.npz").write_bytes(b"")
+        (self["npz"] / "text.npz").write_text("videos")
+        np.savez(self["npz"] / "nokey.npz", clips=videos)
+        np.savez(self["npz"] / "float.npz", videos=videos.astype(np.float32))
+        np.savez(self["npz"] / "gray.npz", videos=videos[..., :1])
+        np.savez(self["npz"] / "rgba.npz", videos=np.concatenate([videos, videos[..., :1]], -1))
+        np.savez(self["npz"] / "none.npz", videos=videos[:0])
+        np.savez(self["npz"] / "frames.npz", videos=videos[0])
+
+    def __missing__(self, key):
+        script = key.split("-")[0]
+        stage, run = self.SAMPLED[script], self.root / script
+        self[script] = run
+        with pytest.MonkeyPatch.context() as mp:
+            for module, generate in ((pvdm, "generate"), (videofusion, "generate"), (lvdm, "generate_short")):
+                mp.setattr(module, generate, one_step(getattr(module, generate)))
+            # lvdm: the autoencoder and the short model, all that sampling short clips reads
+            for stages in (["--stage", "ae"], ["--stage", "short"]) if script == "lvdm" else ([],):
+                ENTRIES[script](["train", "--run", str(run), *stages, *TRAIN[script]])
+        # lvdm samples from a mapped file and reads only the EMA weights, saved after the model and optimizer: 7/8 in
+        at = 7 / 8 if script == "lvdm" else 0.5
+        for how, damage in {**DAMAGE, "flipped": lambda p: flip(p, at)}.items():
+            copy = self.root / "damaged" / f"{script}-{how}"
+            shutil.copytree(run, copy)               # sampling reads the autoencoder beside the checkpoint
+            damage(copy / f"{stage}.pt")
+            self[f"{script}-{how}"] = copy
+        return self[key]
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """{placeholder: path}: the trained runs, damaged copies of their sampling checkpoints, malformed npz files, a
-    regular file to put folders under."""
-    root = tmp_path_factory.mktemp("bad-inputs")
-    runs = {name: root / name for name in TRAIN}
-    with pytest.MonkeyPatch.context() as mp:
-        for module, name in ((pvdm, "generate"), (videofusion, "generate"), (lvdm, "generate_short")):
-            mp.setattr(module, name, one_step(getattr(module, name)))
-        pvdm.cli(["train", "--run", str(runs["pvdm"]), *P_FLAGS])
-        videofusion.cli(["train", "--run", str(runs["videofusion"]), *V_FLAGS])
-        lvdm.cli(["train", "--run", str(runs["lvdm"]), "--stage", "ae", *L_FLAGS])
-        lvdm.cli(["train", "--run", str(runs["lvdm"]), "--stage", "short", *L_FLAGS])
-    places = {"pvdm": runs["pvdm"], "vf": runs["videofusion"], "lvdm": runs["lvdm"], "scratch": root / "scratch"}
-    # lvdm samples from a mapped file and reads only the EMA weights, saved after the model and optimizer: 7/8 in
-    for script, stage, at in (("pvdm", "diffusion", 0.5), ("videofusion", "diffusion", 0.5), ("lvdm", "short", 7 / 8)):
-        for how, damage in {**DAMAGE, "flipped": lambda p: flip(p, at)}.items():
-            copy = root / "damaged" / f"{script}-{how}"
-            shutil.copytree(runs[script], copy)   # sampling reads the autoencoder beside the checkpoint
-            damage(copy / f"{stage}.pt")
-            places[f"{script}-{how}"] = copy
-    npz = root / "npz"
-    npz.mkdir()
-    videos = np.zeros((2, 16, 8, 8, 3), np.uint8)
-    np.savez(npz / "ok.npz", videos=videos)
-    (npz / "empty.npz").write_bytes(b"")
-    (npz / "text.npz").write_text("videos")
-    np.savez(npz / "nokey.npz", clips=videos)
-    np.savez(npz / "float.npz", videos=videos.astype(np.float32))
-    np.savez(npz / "gray.npz", videos=videos[..., :1])
-    np.savez(npz / "rgba.npz", videos=np.concatenate([videos, videos[..., :1]], -1))
-    np.savez(npz / "none.npz", videos=videos[:0])
-    np.savez(npz / "frames.npz", videos=videos[0])
-    places["npz"] = npz
-    (root / "scratch").mkdir()
-    (root / "scratch" / "a-file").write_text("a file, not a folder")
-    return places
+    return World(tmp_path_factory.mktemp("bad-inputs"))
 
 
 # --- the table: (script, argv) and a piece of the sentence expected ---
@@ -173,7 +183,7 @@ CASES = [
     (("pvdm", ["sample", "--run", "{pvdm}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
     (("pvdm", ["sample", "--run", "{pvdm}", "--out", "{scratch}/a-file/out"]), "Not a directory"),
     (("pvdm", ["sample", "--ckpt", "{pvdm}/ae.pt"]), "not a diffusion one"),
-    (("pvdm", ["sample", "--ckpt", "{vf}/diffusion.pt"]), "written by videofusion.py, not pvdm.py"),
+    (("pvdm", ["sample", "--ckpt", "{videofusion}/diffusion.pt"]), "written by videofusion.py, not pvdm.py"),
     (("pvdm", ["sample", "--run", "{pvdm-empty}"]), "it is empty, truncated or damaged"),
     (("pvdm", ["sample", "--run", "{pvdm-truncated}"]), "not a readable checkpoint"),
     (("pvdm", ["sample", "--run", "{pvdm-flipped}"]), "is damaged"),
@@ -197,20 +207,20 @@ CASES = [
     (train("videofusion", "--base-steps", "-1"), "--base-steps must be an integer >= 0"),
     (train("videofusion", "--steps", "-1"), "--steps must be"),
     (train("videofusion", "--seed", "1e23"), "--seed must be"),
-    (("videofusion", ["sample", "--run", "{vf}", "--guidance", "nan"]), "--guidance must be a finite number"),
-    (("videofusion", ["sample", "--run", "{vf}", "--guidance", "-1"]), "--guidance must be"),
-    (("videofusion", ["sample", "--run", "{vf}", "--eta", "1.5"]), "--eta must be"),
-    (("videofusion", ["sample", "--run", "{vf}", "--n", "0"]), "--n must be"),
-    (("videofusion", ["sample", "--run", "{vf}", "--frames", "0"]), "--frames must be"),
-    (("videofusion", ["sample", "--run", "{vf}", "--label", "99"]), "--label must be in 0.."),
-    (("videofusion", ["sample", "--run", "{vf}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "nan"]), "--guidance must be a finite number"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "-1"]), "--guidance must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--eta", "1.5"]), "--eta must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--n", "0"]), "--n must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--frames", "0"]), "--frames must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--label", "99"]), "--label must be in 0.."),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
     (("videofusion", ["sample", "--run", "{videofusion-empty}"]), "not a readable checkpoint"),
     (("videofusion", ["sample", "--run", "{videofusion-flipped}"]), "is damaged"),
     (("videofusion", ["sample", "--run", "{videofusion-future}"]), "setting future_setting=1"),
     (("videofusion", ["sample", "--run", "{videofusion-missing}"]), "has no weight"),
     (("videofusion", ["sample", "--run", "{videofusion-misshapen}"]), "has shape (1, 2, 3)"),
-    (("videofusion", ["eval", "--run", "{vf}", "--batch-size", "0"]), "--batch-size must be"),
-    (("videofusion", ["eval", "--run", "{vf}", "--n", "-1"]), "--n must be"),
+    (("videofusion", ["eval", "--run", "{videofusion}", "--batch-size", "0"]), "--batch-size must be"),
+    (("videofusion", ["eval", "--run", "{videofusion}", "--n", "-1"]), "--n must be"),
     # lvdm.py
     (train("lvdm", "--batch-size", "0"), "--batch-size must be"),
     (train("lvdm", "--lr", "nan"), "--lr must be"),
@@ -241,7 +251,8 @@ CASES = [
     (("lvdm", ["eval", "--run", "{lvdm}", "--batch-size", "0"]), "--batch-size must be"),
     # python -m eval.fvd
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--n", "1"]), "--n must be an integer >= 2"),
-    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--frames", "4"]), "--frames must be an integer >= 9"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--frames", "4"]), "--frames must be an integer >= "
+                                                                                        "9"),
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--batch-size", "0"]), "--batch-size must be"),
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--seed", "-1"]), "--seed must be"),
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--resolution", "0"]), "--resolution must be"),
@@ -264,28 +275,35 @@ CASES = [
     (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--splits", "0"]), "--splits must be"),
     (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--n", "0"]), "--n must be"),
     (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--batch-size", "0"]), "--batch-size must"),
-    (("inception_score", ["--fake", "{npz}/rgba.npz", "--c3d", "c3d.npz"]), "found uint8 (2, 16, 8, 8, 4)"),
-    (("inception_score", ["--fake", "{npz}/empty.npz", "--c3d", "c3d.npz"]), "not a readable npz archive"),
-    (("inception_score", ["--fake", "{npz}/nokey.npz", "--c3d", "c3d.npz"]), "has no `videos` array"),
+    (("inception_score", ["--c3d", "c3d.npz", "--fake", "{npz}/rgba.npz"]), "found uint8 (2, 16, 8, 8, 4)"),
+    (("inception_score", ["--c3d", "c3d.npz", "--fake", "{npz}/empty.npz"]), "not a readable npz archive"),
+    (("inception_score", ["--c3d", "c3d.npz", "--fake", "{npz}/nokey.npz"]), "has no `videos` array"),
     (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--out", "{scratch}/a-file/is.json"]),
      "a-file is a file, not a folder"),
 ]
 
 
 def expand(argv, world):
-    return [a.format(**{k: str(v) for k, v in world.items()}) for a in argv]
+    return [a.format_map(world) for a in argv]
 
 
-@pytest.mark.parametrize("case,expected", CASES, ids=[f"{s}-{' '.join(a[1:] if a[0] == 'train' else a)[-40:]}"
-                                                      for (s, a), _ in CASES])
+def case_id(script, argv):
+    """`pvdm train --lr nan`, `fvd --fake {npz}/gray.npz`: the command and the input that is wrong."""
+    command = argv[0] if argv[0] in ("train", "sample", "eval") else ""
+    wrong = argv[-1:] if argv[-1].startswith("--") else argv[-2:]
+    return " ".join(filter(None, [script, command, *wrong]))
+
+
+@pytest.mark.parametrize("case,expected", CASES, ids=[case_id(*case) for case, _ in CASES])
 def test_a_malformed_input_is_one_sentence_and_changes_nothing(world, case, expected, capsys):
     script, argv = case
-    before = snapshot(world["scratch"].parent)
-    status, err = as_user(ENTRIES[script], expand(argv, world), capsys)
+    argv = expand(argv, world)                  # first: it may train the run the case needs
+    before = snapshot(world.root)
+    status, err = as_user(ENTRIES[script], argv, capsys)
     lines = err.strip().splitlines()
     assert status == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
-    assert snapshot(world["scratch"].parent) == before
+    assert snapshot(world.root) == before
 
 
 @pytest.mark.parametrize("argv", [
