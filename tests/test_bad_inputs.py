@@ -317,3 +317,12 @@ def test_the_real_entry_points_agree(world, argv):
     out = run_script(*expand(argv, world))
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+
+
+def test_more_splits_than_videos_is_one_sentence(world, capsys, monkeypatch):
+    """IS over 5 splits of 2 videos would average empty splits: refused once the count is known, before C3D runs."""
+    monkeypatch.setattr(inception_score, "load_c3d", lambda *a: None)
+    status, err = as_user(inception_score.run, ["--fake", f"{world['npz']}/ok.npz", "--c3d", "c3d.npz", "--splits",
+                                                "5"], capsys)
+    assert status == 2 and err.strip().splitlines() == [f"error: --splits 5 needs at least as many videos, and "
+                                                        f"{world['npz']}/ok.npz gives 2"]
