@@ -48,12 +48,13 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import build_parser, check_steps, config_from_args, eval_settings, flag, main
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
+from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample, guided
 from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.files import output_folder
 from common.gan import PatchGAN, adaptive_weight, frozen, hinge_d_loss, hinge_g_loss, started
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
@@ -72,30 +73,32 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(600, "steps of the short (unconditional) diffusion model")
-    ae_steps: int = flag(600, "autoencoder steps")
-    pred_steps: int = flag(400, "steps of the prediction model (started from the short model)")
-    interp_steps: int = flag(300, "steps of the interpolation model (started from the short model)")
-    batch_size: int = flag(8, "clips per diffusion step and process")
-    ae_batch_size: int = flag(4, "clips per autoencoder batch and process")
-    lr: float = flag(1e-3, "diffusion learning rate (AdamW, weight decay 0.01, constant)")
-    ae_lr: float = flag(5e-4, "autoencoder and discriminator learning rate (Adam, betas 0.5, 0.9)")
-    seed: int = flag(0, "random seed")
-    sample_every: int = flag(0, "write a sample GIF every N diffusion steps (0: never)")
-    save_every: int = flag(200, "checkpoint every N steps")
+    steps: int = flag(600, "steps of the short (unconditional) diffusion model", lo=1)
+    ae_steps: int = flag(600, "autoencoder steps", lo=1)
+    pred_steps: int = flag(400, "steps of the prediction model (started from the short model)", lo=1)
+    interp_steps: int = flag(300, "steps of the interpolation model (started from the short model)", lo=1)
+    batch_size: int = flag(8, "clips per diffusion step and process", lo=1)
+    ae_batch_size: int = flag(4, "clips per autoencoder batch and process", lo=1)
+    lr: float = flag(1e-3, "diffusion learning rate (AdamW, weight decay 0.01, constant)", lo=0, lo_open=True)
+    ae_lr: float = flag(5e-4, "autoencoder and discriminator learning rate (Adam, betas 0.5, 0.9)", lo=0, lo_open=True)
+    seed: int = flag(0, "random seed", lo=0, hi=SEED_MAX)
+    sample_every: int = flag(0, "write a sample GIF every N diffusion steps (0: never)", lo=0)
+    save_every: int = flag(200, "checkpoint every N steps (0: only at the end)", lo=0)
     # the paper's method
-    frames: int = flag(16, "frames per short clip (a multiple of the autoencoder's temporal factor)")
-    resolution: int = flag(32, "frame height and width")
+    frames: int = flag(16, "frames per short clip (a multiple of the autoencoder's temporal factor)", lo=1)
+    resolution: int = flag(32, "frame height and width", lo=1)
     rec_loss: str = flag("mse", "autoencoder reconstruction loss: MSE as §3.1 states, or L1 as the official code",
                          choices=["mse", "l1"])
-    disc_start: int = flag(400, "autoencoder step from which the adversarial loss is on (official: 50001)")
+    disc_start: int = flag(400, "autoencoder step from which the adversarial loss is on (official: 50001)", lo=0)
     diffusion_loss: str = flag("l2", "denoising loss: L2 as Eq. (7), or L1 as the official configs",
                                choices=["l2", "l1"])
-    cond_noise_max: int = flag(250, "s_max: given latents are perturbed to z_s, s < s_max, in training (§3.3)")
-    p_cond_pred: float = flag(0.5, "probability that a prediction example is conditional (p_c; the rest are p_u)")
-    p_cond_interp: float = flag(0.9, "probability that an interpolation example is conditional")
-    cond_latents: int = flag(1, "k: latents the prediction model is given")
-    key_stride: int = flag(4, "latents between two keyframes of hierarchical generation (official: 4)")
+    cond_noise_max: int = flag(250, "s_max: given latents are perturbed to z_s, s < s_max, in training (§3.3)",
+                               lo=1)
+    p_cond_pred: float = flag(0.5, "probability that a prediction example is conditional (p_c; the rest are p_u)",
+                              lo=0, hi=1)
+    p_cond_interp: float = flag(0.9, "probability that an interpolation example is conditional", lo=0, hi=1)
+    cond_latents: int = flag(1, "k: latents the prediction model is given", lo=1)
+    key_stride: int = flag(4, "latents between two keyframes of hierarchical generation (official: 4)", lo=2)
     # architecture and fixed training settings (presets only)
     ae_ch: int = 16
     ae_down_t: int = 4              # temporal factor of the autoencoder (paper: 4)
@@ -563,7 +566,7 @@ def init_from_short(model: UNet3D, short_state: dict):
             own[key][:, :value.shape[1]] = value
         else:
             own[key] = value
-    model.load_state_dict(own)
+    load_state_checked(model, own, "the short model's EMA weights")
 
 
 # --- Training ---
@@ -579,16 +582,15 @@ def check_config(cfg: Config):
     if cfg.resolution % cfg.ae_down_s:
         raise UserError(f"--resolution {cfg.resolution} is not divisible by the autoencoder's spatial factor "
                         f"{cfg.ae_down_s}")
+    h, halvings = cfg.resolution // cfg.ae_down_s, len(cfg.mult) - 1    # each U-Net level but the last halves h, w
+    if h % 2 ** halvings:
+        raise UserError(f"--resolution {cfg.resolution} gives {h}x{h} latents, which the U-Net halves {halvings} "
+                        f"times: use a multiple of {cfg.ae_down_s * 2 ** halvings}")
     l = cfg.frames // cfg.ae_down_t
     if not 1 <= cfg.cond_latents < l:
         raise UserError(f"--cond-latents must leave a latent to predict in a {l}-latent clip: between 1 and {l - 1}, "
                         f"got {cfg.cond_latents}")
-    if cfg.key_stride < 2:
-        raise UserError(f"--key-stride must be at least 2 (a gap to interpolate), got {cfg.key_stride}")
-    for name in ("p_cond_pred", "p_cond_interp"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name.replace('_', '-')} is a probability, between 0 and 1; got {getattr(cfg, name)}")
-    if cfg.cond_noise_max < 1 or cfg.cond_noise_max > cfg.timesteps:
+    if cfg.cond_noise_max > cfg.timesteps:
         raise UserError(f"--cond-noise-max must be between 1 and {cfg.timesteps}, got {cfg.cond_noise_max}")
 
 
@@ -609,7 +611,7 @@ def load_autoencoder(run_dir, cfg: Config, device) -> Autoencoder3D:
         raise UserError(f"no autoencoder in {run_dir}: run `python {SCRIPT}.py train --stage ae` first")
     state = load_checkpoint(path, SCRIPT, {k: getattr(cfg, k) for k in AE_ARCH}, device)["model"]
     ae = Autoencoder3D(cfg).to(device)
-    ae.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("ae.")})
+    load_state_checked(ae, {k[3:]: v for k, v in state.items() if k.startswith("ae.")}, path)
     return ae.eval().requires_grad_(False)
 
 
@@ -859,12 +861,12 @@ def load_models(run_dir, device, need=("short",)):
         if not path.exists():
             raise UserError(f"no {name} model in {run_dir} ({name}.pt): run `python {SCRIPT}.py train --stage {name}`"
                             f" (or `train` for every stage)")
-        ckpt = load_checkpoint(path, SCRIPT, None if cfg is None else {k: getattr(cfg, k) for k in ARCH}, mmap=True)
+        ckpt = load_checkpoint(path, SCRIPT, None if cfg is None else {k: getattr(cfg, k) for k in ARCH}, mmap=True,
+                               entries=("ema",))
         if "ema" not in ckpt:
             raise UserError(f"{path} is not a diffusion checkpoint")
-        cfg = cfg or Config(**ckpt["config"])
-        unet = UNet3D(cfg, conditional=name != "short")
-        unet.load_state_dict(ckpt["ema"]["model"])
+        cfg = cfg or config_from_checkpoint(Config, ckpt, path)
+        unet = load_state_checked(UNet3D(cfg, conditional=name != "short"), ckpt["ema"]["model"], path)
         models[name] = unet.to(device).eval()
     return models, cfg
 
@@ -874,10 +876,8 @@ def sampling_setup(args, device):
     length, the prediction (and interpolation) model for longer ones."""
     path = find_checkpoint(SCRIPT, args.run, args.ckpt, stage="short")
     run_dir = path.parent
-    cfg = Config(**load_checkpoint(path, SCRIPT, mmap=True)["config"])
+    cfg = config_from_checkpoint(Config, load_checkpoint(path, SCRIPT, mmap=True, entries=()), path)
     frames = args.frames or cfg.frames
-    if frames < 1:
-        raise UserError(f"--frames must be positive, got {frames}")
     if not 0 <= args.cond_noise < cfg.cond_noise_max:
         raise UserError(f"--cond-noise must be below the s_max this run trained with ({cfg.cond_noise_max}), "
                         f"got {args.cond_noise}")
@@ -902,10 +902,10 @@ def sample(args):
     check_steps(sched, ("--steps", args.steps))
     if args.label is not None:
         raise UserError("LVDM is unconditional on classes: --label does not apply")
+    out = output_folder(args.out or run_dir / "samples" / ("sample" if frames <= cfg.frames else args.mode))
     videos = generate(models, ae, sched, cfg, args, n=args.n, frames=frames, seed=args.seed, device=device,
                       dtype=pick_precision(args.precision, device), progress=True)
     how = "short model" if frames <= cfg.frames else args.mode
-    out = Path(args.out or run_dir / "samples" / ("sample" if frames <= cfg.frames else args.mode))
     write_samples(out, videos)
     print(f"wrote {args.n} videos of {frames} frames ({how}) to {out}/ (grid.gif, samples.npz, video_*.mp4)")
 
@@ -941,11 +941,13 @@ def cli(argv=None):
                        help="long videos (--frames beyond the training clip): keyframes then interpolation, or "
                             "prediction alone")
         p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM (eta below) or DDPM")
-        p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0: the official long-video sampler)")
-        p.add_argument("--cond-noise", type=int, default=100,
+        p.add_argument("--eta", type=number(float, 0, 1), default=1.0,
+                       help="DDIM eta (1.0: the official long-video sampler)")
+        p.add_argument("--cond-noise", type=number(int, lo=0), default=100,
                        help="s: the noise level given latents are perturbed to (§3.3; official 100)")
         p.set_defaults(steps=50, guidance=0.1)
-    sub["eval"].add_argument("--guidance", type=float, default=0.1, help="unconditional guidance w (Eq. 9)")
+    sub["eval"].add_argument("--guidance", type=number(float, lo=0), default=0.1,
+                             help="unconditional guidance w (Eq. 9)")
     sub["sample"].set_defaults(guidance=0.1)
     args = parser.parse_args(argv)
     {"train": train, "sample": sample, "eval": evaluate}[args.command](args)

@@ -34,7 +34,6 @@ step, autoencoder and discriminator steps alternating 1:1, only the discriminato
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -42,12 +41,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import build_parser, check_steps, config_from_args, eval_settings, flag, main
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
+from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample
 from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.files import output_folder
 from common.gan import PatchGAN, feature_matching, frozen, generator_turn, hinge_d_loss, hinge_g_loss
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
@@ -66,22 +66,24 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(1000, "diffusion training steps")
-    ae_steps: int = flag(1600, "autoencoder steps (L1 or MSE, + LPIPS)")
+    steps: int = flag(1000, "diffusion training steps", lo=1)
+    ae_steps: int = flag(1600, "autoencoder steps (L1 or MSE, + LPIPS)", lo=1)
     gan_steps: int = flag(0, "adversarial autoencoder optimizer steps after --ae-steps (each accumulates 3 "
-                              "batches; autoencoder and discriminator steps alternate), 0 to skip")
-    batch_size: int = flag(8, "clip pairs per diffusion step and process")
-    ae_batch_size: int = flag(8, "clips per autoencoder step and process")
-    lr: float = flag(1e-3, "diffusion learning rate (AdamW, constant)")
-    ae_lr: float = flag(1e-3, "autoencoder and discriminator learning rate (AdamW, betas 0.5, 0.9)")
-    seed: int = flag(0, "random seed")
-    sample_every: int = flag(500, "write a sample GIF every N diffusion steps (0: never)")
-    save_every: int = flag(500, "checkpoint every N steps")
+                              "batches; autoencoder and discriminator steps alternate), 0 to skip", lo=0)
+    batch_size: int = flag(8, "clip pairs per diffusion step and process", lo=1)
+    ae_batch_size: int = flag(8, "clips per autoencoder step and process", lo=1)
+    lr: float = flag(1e-3, "diffusion learning rate (AdamW, constant)", lo=0, lo_open=True)
+    ae_lr: float = flag(1e-3, "autoencoder and discriminator learning rate (AdamW, betas 0.5, 0.9)",
+                        lo=0, lo_open=True)
+    seed: int = flag(0, "random seed", lo=0, hi=SEED_MAX)
+    sample_every: int = flag(500, "write a sample GIF every N diffusion steps (0: never)", lo=0)
+    save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", lo=0)
     # the paper's method
-    frames: int = flag(8, "frames per clip")
-    resolution: int = flag(32, "frame height and width")
-    patch: int = flag(4, "patch size of the autoencoder's tokens")
-    lam: float = flag(0.3, "lam of Eq. (3): the share of conditional training examples (0.3 UCF, 0.2 Sky)")
+    frames: int = flag(8, "frames per clip", lo=1)
+    resolution: int = flag(32, "frame height and width", lo=1)
+    patch: int = flag(4, "patch size of the autoencoder's tokens", lo=1)
+    lam: float = flag(0.3, "lam of Eq. (3): the share of conditional training examples (0.3 UCF, 0.2 Sky)",
+                      lo=0, hi=1)
     # architecture (presets only)
     ae_dim: int = 64
     ae_depth: int = 2                # encoder and decoder layers each
@@ -546,9 +548,9 @@ def load_ae(run_dir, cfg, device):
     match = {k: getattr(cfg, k) for k in AE_ARCH}
     if (run_dir / "gan.pt").exists():
         state = load_checkpoint(run_dir / "gan.pt", SCRIPT, match, device)["model"]
-        ae.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("ae.")})
+        load_state_checked(ae, {k[3:]: v for k, v in state.items() if k.startswith("ae.")}, run_dir / "gan.pt")
     elif (run_dir / "ae.pt").exists():
-        ae.load_state_dict(load_checkpoint(run_dir / "ae.pt", SCRIPT, match, device)["model"])
+        load_state_checked(ae, load_checkpoint(run_dir / "ae.pt", SCRIPT, match, device)["model"], run_dir / "ae.pt")
     else:
         raise UserError(f"no autoencoder in {run_dir}: run `python {SCRIPT}.py train --stage ae` first")
     return ae.eval().requires_grad_(False)
@@ -556,10 +558,13 @@ def load_ae(run_dir, cfg, device):
 
 def check_config(cfg: Config):
     """Mistakes the flags alone reveal, reported before any data is read."""
-    if not 0 <= cfg.lam <= 1:
-        raise UserError(f"--lam is a probability, between 0 and 1; got {cfg.lam}")
     if cfg.resolution % cfg.patch:
         raise UserError(f"--resolution {cfg.resolution} is not divisible by --patch {cfg.patch}")
+    h, k = cfg.resolution // cfg.patch, 2 ** (len(cfg.mult) - 1)    # planes h x h, T x h, T x h; U-Net halves k
+    if h % k or cfg.frames % k:
+        raise UserError(f"latent planes {h}x{h} and {cfg.frames}x{h} (--resolution / --patch, --frames) must be "
+                        f"divisible by {k} for this U-Net's {len(cfg.mult)} levels: use more frames or a larger "
+                        f"resolution")
 
 
 def report_reconstruction(run: Run, cfg: Config):
@@ -666,9 +671,8 @@ def load_for_sampling(args, device):
     ckpt = load_checkpoint(path, SCRIPT, map_location=device)
     if "ema" not in ckpt:
         raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint, not a diffusion one: pass diffusion.pt")
-    cfg = Config(**ckpt["config"])
-    unet = PlaneUNet(cfg).to(device)
-    unet.load_state_dict(ckpt["ema"]["model"])
+    cfg = config_from_checkpoint(Config, ckpt, path)
+    unet = load_state_checked(PlaneUNet(cfg).to(device), ckpt["ema"]["model"], path)
     return cfg, Schedule.make(cfg.schedule, cfg.timesteps), unet.eval(), load_ae(path.parent, cfg, device), path
 
 
@@ -676,15 +680,13 @@ def sample(args):
     device = pick_device(args.device)
     cfg, sched, unet, ae, path = load_for_sampling(args, device)
     frames = args.frames or 2 * cfg.frames
-    if frames < 1:
-        raise UserError(f"--frames must be positive, got {frames}")
     check_steps(sched, ("--steps", args.steps), ("--cond-steps", args.cond_steps))
     if args.label is not None or args.guidance:
         raise UserError("PVDM is unconditional on classes: --label and --guidance do not apply")
+    out = output_folder(args.out or path.parent / "samples" / "sample")
     videos, _ = generate(unet, ae, sched, cfg, n=args.n, frames=frames, steps=args.steps,
                          cond_steps=args.cond_steps, eta=args.eta, seed=args.seed, device=device,
                          dtype=pick_precision(args.precision, device), progress=True)
-    out = Path(args.out or path.parent / "samples" / "sample")
     write_samples(out, to_uint8(videos))
     print(f"wrote {args.n} videos of {frames} frames ({math.ceil(frames / cfg.frames)} clips of {cfg.frames}) "
           f"to {out}/ (grid.gif, samples.npz, video_*.mp4)")
@@ -714,10 +716,10 @@ def cli(argv=None):
     parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
     sub["sample"].set_defaults(steps=100)
     for p in (sub["sample"], sub["eval"]):
-        p.add_argument("--cond-steps", type=int, default=20,
+        p.add_argument("--cond-steps", type=number(int, lo=1), default=20,
                        help="DDIM steps for every clip after the first (Table 5's 100/20-s is --steps 100 "
                             "--cond-steps 20)")
-        p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1.0 as the official sampler)")
+        p.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM eta (1.0 as the official sampler)")
     args = parser.parse_args(argv)
     {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
 

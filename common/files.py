@@ -6,6 +6,7 @@ file or the new one, never half of one. A failed write removes its temporary fil
 read-only folder, missing permission) becomes one sentence naming the path and the cause.
 """
 import os
+import re
 from pathlib import Path
 
 from common.errors import UserError
@@ -24,6 +25,47 @@ def cannot_write(path, error: OSError) -> UserError:
 def temporary_name(path: Path) -> Path:
     """.<stem>.tmp<pid><suffix> beside `path`: hidden, one per process, the suffix kept for writers that read it."""
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+
+
+def remove_stale_temporaries(folder: Path):
+    """Delete what killed writes left in `folder`: files named as temporary_name names them (a finished or failed
+    write leaves none, so any found belong to a dead process)."""
+    for path in Path(folder).glob(".*.tmp*"):
+        if re.fullmatch(r"\..+\.tmp\d+(\.[^.]+)?", path.name):
+            path.unlink(missing_ok=True)
+
+
+def output_folder(path) -> Path:
+    """A command's output folder, made now, before any slow work, and cleared of killed writes' temporary files;
+    a path that cannot be one (a file, under a file, not writable) is one sentence."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"cannot write {path}: it is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: permission denied")
+    return path
+
+
+def output_file(path) -> Path:
+    """A file a command will write at its end, its folder made now: a folder in its place, or a folder that
+    cannot be made or written, is one sentence before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder, not a file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: permission denied")
+    return path
 
 
 def atomic_write(path, write, *, sync: bool = False) -> Path:

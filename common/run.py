@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.checkpoint import load_state_checked
 from common.errors import UserError
 from common.files import atomic_write, cannot_write
 
@@ -74,8 +75,8 @@ class EMA:
     def state_dict(self):
         return {"model": self.model.state_dict(), "updates": self.updates}
 
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state, source):
+        load_state_checked(self.model, state["model"], source)
         self.updates = state["updates"]
 
 

@@ -13,10 +13,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import load_checkpoint, load_state_checked, rng_state, save_checkpoint, set_rng_state
 from common.data import make_loader
 from common.errors import UserError
-from common.files import atomic_write
+from common.files import atomic_write, remove_stale_temporaries
 from common.run import EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything
 
 
@@ -40,8 +40,7 @@ class Run:
         world, dev = init_distributed(device)
         run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
-            for stale in run_dir.glob(".*.tmp*"):     # a killed save's leftovers; a finished write leaves none
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(run_dir)      # a killed save's leftovers, before the folder is checked
             check_run_dir(run_dir, must_match or {})
             text = json.dumps({"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)
             saved = run_dir / "config.json"
@@ -115,11 +114,11 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
     step = samples = 0
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, run.script, must_match, map_location=run.device)
-        model.load_state_dict(ckpt["model"])
+        load_state_checked(model, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         if ema:
-            ema.load_state_dict(ckpt["ema"])
+            ema.load_state_dict(ckpt["ema"], f"{ckpt_path} (EMA)")
         step, samples, resume_rng = ckpt["step"], ckpt["samples"], ckpt["rng"]
         if step >= steps:
             run.print(f"{stage}: finished at step {step} ({ckpt_path}); skipping")

@@ -333,7 +333,7 @@ def test_sample_with_no_frames_flag_writes_two_clips(trained, tmp_path):
     assert (tmp_path / "grid.gif").exists() and len(list(tmp_path.glob("video_*.mp4"))) == 3
 
 
-@pytest.mark.parametrize("argv", [["sample", "--cond-steps", "0"], ["sample", "--steps", "5000"],
+@pytest.mark.parametrize("argv", [["sample", "--cond-steps", "1001"], ["sample", "--steps", "5000"],
                                   ["eval", "--steps", "1001"]])
 def test_step_counts_outside_the_schedule_are_refused(trained, argv):
     with pytest.raises(UserError, match="must be between 1 and the schedule's 1000 steps"):
@@ -395,7 +395,7 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path):
         pvdm.cli(["train", "--resolution", "18", "--run", str(tmp_path / "r")])
     with pytest.raises(UserError, match="no checkpoint|train"):
         pvdm.cli(["sample", "--run", str(tmp_path / "none")])
-    with pytest.raises(UserError, match="--lam is a probability"):
+    with pytest.raises(UserError, match="--lam must be a finite number between 0 and 1, got 1.5"):
         pvdm.cli(["train", "--lam", "1.5", "--run", str(tmp_path / "r")])
 
 

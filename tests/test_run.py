@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common import checkpoint, files
-from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from common.checkpoint import config_from_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.errors import UserError
 from common.run import EMA, pick_precision
 from tests import toy_script
@@ -53,6 +53,43 @@ def test_checkpoint_refuses_wrong_script_newer_format_and_other_architecture(tmp
     (tmp_path / "cut.pt").write_bytes(good[:len(good) // 2])
     with pytest.raises(UserError, match="cut.pt is not a readable checkpoint"):
         load_checkpoint(tmp_path / "cut.pt", "pvdm")
+
+
+def test_flipped_bytes_are_refused_and_a_mapped_load_verifies_what_it_returns(tmp_path):
+    """torch.load does not check a zip member's bytes: 64 flipped bytes in a weight load silently without the
+    checksums. A load that asks for some entries (mmap sampling) verifies and returns only those."""
+    model = torch.nn.Linear(256, 256)
+    ema = {k: v.clone() for k, v in model.state_dict().items()}      # its own bytes: torch.save shares storages
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "ema": {"model": ema},
+                                        "config": {}, "script": "toy", "step": 1})
+    data = bytearray((tmp_path / "c.pt").read_bytes())
+    torch.load(tmp_path / "c.pt", weights_only=True)                 # the reference: loads
+    middle = data.index(model.weight.detach().numpy().tobytes()[:64]) + 1024      # inside the first weight (model)
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    torch.load(tmp_path / "bad.pt", weights_only=True)              # still loads: the damage is invisible to torch
+    with pytest.raises(UserError, match="bad.pt is damaged: its 'model' entry does not match the checksum"):
+        load_checkpoint(tmp_path / "bad.pt", "toy")
+    ema_only = load_checkpoint(tmp_path / "bad.pt", "toy", mmap=True, entries=("ema",))
+    assert "model" not in ema_only and torch.equal(ema_only["ema"]["model"]["weight"], model.weight)
+
+
+def test_a_config_setting_this_version_lacks_is_named():
+    ckpt = {"config": {"steps": 3, "future_setting": 1}, "script": "toy"}
+    with pytest.raises(UserError, match="c.pt was trained with the setting future_setting=1, which this version of "
+                                        "toy.py does not have"):
+        config_from_checkpoint(toy_script.Config, ckpt, "c.pt")
+    assert config_from_checkpoint(toy_script.Config, {"config": {"steps": 3}}, "c.pt").steps == 3
+
+
+def test_an_output_folder_is_made_and_loses_killed_writes_temporaries_only(tmp_path):
+    out = files.output_folder(tmp_path / "a" / "b")
+    (out / ".samples.tmp999.npz").write_bytes(b"half")
+    (out / ".notes.tmpl").write_text("the user's")
+    files.output_folder(out)
+    assert sorted(p.name for p in out.iterdir()) == [".notes.tmpl"]
+    with pytest.raises(UserError, match="it is a file, not a folder"):
+        files.output_folder(out / ".notes.tmpl")
 
 
 def test_save_interrupted_before_rename_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -157,7 +194,7 @@ def test_a_resumed_stage_logs_each_step_once_and_stale_temporary_files_go(tmp_pa
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["train", "--batch-size", "many"], "invalid int value"),
+    (["train", "--batch-size", "many"], "--batch-size must be an integer >= 1, got many"),
     (["train", "--data", "ucf101", "--data-root", "/no/such/dir"], "UCF-101 not found at /no/such/dir"),
     (["sample", "--run", "/no/such/run"], "train one first with `python toy.py train --run /no/such/run`"),
     (["train", "--device", "cuda"] if not torch.cuda.is_available() else ["train", "--precision", "x"], ""),

@@ -299,7 +299,7 @@ def test_a_class_conditional_preset_on_unlabelled_data_trains_unconditionally(tm
 
 
 def test_user_mistakes_are_refused_in_one_sentence(tmp_path):
-    with pytest.raises(UserError, match="strictly between 0 and 1"):
+    with pytest.raises(UserError, match="--lam must be a finite number > 0 and < 1, got 1.0"):
         vf.cli(["train", "--lam", "1.0", "--run", str(tmp_path / "r")])
     with pytest.raises(UserError, match="train one first with `python videofusion.py train --run"):
         vf.cli(["sample", "--run", str(tmp_path / "empty")])

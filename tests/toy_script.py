@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common.checkpoint import find_checkpoint, load_checkpoint  # noqa: E402
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked  # noqa: E402
 from common.cli import build_parser, config_from_args, flag, main  # noqa: E402
 from common.data import DATASETS, make_dataset  # noqa: E402
 from common.diffusion import Schedule, ddim_sample  # noqa: E402
@@ -25,7 +25,7 @@ class Config:
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: str = flag(None, "dataset folder")
     steps: int = flag(6, "diffusion training steps")
-    batch_size: int = flag(2, "clips per step and process")
+    batch_size: int = flag(2, "clips per step and process", lo=1)
     lr: float = flag(1e-2, "learning rate")
     seed: int = flag(0, "random seed")
     sample_every: int = flag(0, "write a sample GIF every N steps (0: never)")
@@ -69,10 +69,9 @@ def train(args):
 def sample(args):
     path = find_checkpoint(SCRIPT, args.run, args.ckpt)
     ckpt = load_checkpoint(path, SCRIPT)
-    cfg = Config(**ckpt["config"])
+    cfg = config_from_checkpoint(Config, ckpt, path)
     device = pick_device(args.device)
-    model = Toy(cfg.width).to(device)
-    model.load_state_dict(ckpt["ema"]["model"])
+    model = load_state_checked(Toy(cfg.width).to(device), ckpt["ema"]["model"], path)
     torch.manual_seed(args.seed)
     x = torch.randn(args.n, 3, args.frames or cfg.frames, cfg.resolution, cfg.resolution, device=device)
     with torch.no_grad():

@@ -1,0 +1,328 @@
+"""Every malformed input is one sentence (CONTRACT.md, Errors): exit status 2, one `error:` line on stderr, no
+traceback, and no file that existed before changed. Each case runs as a user runs it: in-process through
+common.cli.main, as `python X.py` does (a subprocess costs seconds of imports on this machine), and a few through
+the real entry point. Malformed data layouts (classInd and the like) are tests/test_data.py's.
+"""
+import shutil
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+import lvdm
+import pvdm
+import videofusion
+from common.checkpoint import save_checkpoint
+from common.cli import main
+from eval import fvd, inception_score
+from tests.fixtures import run_script
+
+ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "fvd": fvd.run,
+           "inception_score": inception_score.run}
+
+# the smallest runs each script trains (as in its own tests), and train flags that would finish in seconds if a bad
+# value were accepted
+P_FLAGS = ["--frames", "4", "--resolution", "16", "--patch", "4", "--sample-every", "0", "--save-every", "0",
+           "--batch-size", "2", "--ae-batch-size", "2", "--ae-steps", "1", "--gan-steps", "0", "--steps", "1"]
+V_FLAGS = ["--frames", "4", "--resolution", "16", "--sample-every", "0", "--save-every", "0", "--batch-size", "2",
+           "--steps", "1", "--base-steps", "0"]
+L_FLAGS = ["--frames", "12", "--resolution", "16", "--key-stride", "2", "--sample-every", "0", "--save-every", "0",
+           "--batch-size", "2", "--ae-batch-size", "2", "--disc-start", "1", "--ae-steps", "1", "--steps", "1",
+           "--pred-steps", "1", "--interp-steps", "1"]
+TRAIN = {"pvdm": P_FLAGS, "videofusion": V_FLAGS, "lvdm": L_FLAGS}
+
+
+def as_user(entry, argv, capsys):
+    """(exit status, stderr) of `entry(argv)` under common.cli.main, as `python X.py` runs it; an exception main
+    lets through is status 1 and its traceback, as the interpreter would print them."""
+    capsys.readouterr()
+    try:
+        main(lambda: entry(argv))
+        status, tb = 0, ""
+    except SystemExit as e:
+        status, tb = e.code, ""
+    except Exception:
+        status, tb = 1, traceback.format_exc()
+    return status, capsys.readouterr().err + tb
+
+
+def snapshot(folder):
+    """Every file under `folder` with its size and modification time (in ns: any write changes it)."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- one tiny trained run per script, and damaged copies of its checkpoints ---
+
+def flip(path, at=0.5, count=64):
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i:i + count] = bytes(b ^ 0xFF for b in data[i:i + count])
+    path.write_bytes(bytes(data))
+
+
+def rewrite(path, change):
+    """Load a checkpoint, change(ckpt) it and save it properly: damage a checksum cannot see."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt = {k: v for k, v in ckpt.items() if k not in ("checksums", "format_version")}
+    change(ckpt)
+    save_checkpoint(path, ckpt)
+
+
+def first_weight(ckpt):
+    return next(iter(ckpt["ema"]["model"]))
+
+
+DAMAGE = {     # and "flipped": 64 bytes inside the weights sampling reads
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:p.stat().st_size // 2]),
+    "future": lambda p: rewrite(p, lambda c: c["config"].update(future_setting=1)),
+    "missing": lambda p: rewrite(p, lambda c: c["ema"]["model"].pop(first_weight(c))),
+    "misshapen": lambda p: rewrite(p, lambda c: c["ema"]["model"].update({first_weight(c): torch.zeros(1, 2, 3)})),
+}
+
+
+def one_step(generate):
+    """`generate` with one denoising step: what the fixture's runs sample at the end of `train` is not under test,
+    and 100 steps of it cost a minute a script on two busy cores."""
+    return lambda *a, **kw: generate(*a, **{**kw, **{k: 1 for k in ("steps", "cond_steps") if k in kw}})
+
+
+class World(dict):
+    """{placeholder: path} for the table's argv: malformed npz files and a regular file to put folders under, made
+    at once; a script's trained run ("pvdm", "videofusion", "lvdm") and the damaged copies of its sampling checkpoint
+    ("pvdm-flipped", ...) are trained the first time a case names one, so the cases that need no run need no
+    training."""
+    SAMPLED = {"pvdm": "diffusion", "videofusion": "diffusion", "lvdm": "short"}     # the checkpoint sample reads
+
+    def __init__(self, root):
+        super().__init__(scratch=root / "scratch", npz=root / "npz")
+        self.root = root
+        self["scratch"].mkdir()
+        (self["scratch"] / "a-file").write_text("a file, not a folder")
+        self["npz"].mkdir()
+        videos = np.zeros((2, 16, 8, 8, 3), np.uint8)
+        np.savez(self["npz"] / "ok.npz", videos=videos)
+        (self["npz"] / "empty.npz").write_bytes(b"")
+        (self["npz"] / "text.npz").write_text("videos")
+        np.savez(self["npz"] / "nokey.npz", clips=videos)
+        np.savez(self["npz"] / "float.npz", videos=videos.astype(np.float32))
+        np.savez(self["npz"] / "gray.npz", videos=videos[..., :1])
+        np.savez(self["npz"] / "rgba.npz", videos=np.concatenate([videos, videos[..., :1]], -1))
+        np.savez(self["npz"] / "none.npz", videos=videos[:0])
+        np.savez(self["npz"] / "frames.npz", videos=videos[0])
+
+    def __missing__(self, key):
+        script = key.split("-")[0]
+        stage, run = self.SAMPLED[script], self.root / script
+        self[script] = run
+        with pytest.MonkeyPatch.context() as mp:
+            for module, generate in ((pvdm, "generate"), (videofusion, "generate"), (lvdm, "generate_short")):
+                mp.setattr(module, generate, one_step(getattr(module, generate)))
+            # lvdm: the autoencoder and the short model, all that sampling short clips reads
+            for stages in (["--stage", "ae"], ["--stage", "short"]) if script == "lvdm" else ([],):
+                ENTRIES[script](["train", "--run", str(run), *stages, *TRAIN[script]])
+        # lvdm samples from a mapped file and reads only the EMA weights, saved after the model and optimizer: 7/8 in
+        at = 7 / 8 if script == "lvdm" else 0.5
+        for how, damage in {**DAMAGE, "flipped": lambda p: flip(p, at)}.items():
+            copy = self.root / "damaged" / f"{script}-{how}"
+            shutil.copytree(run, copy)               # sampling reads the autoencoder beside the checkpoint
+            damage(copy / f"{stage}.pt")
+            self[f"{script}-{how}"] = copy
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return World(tmp_path_factory.mktemp("bad-inputs"))
+
+
+# --- the table: (script, argv) and a piece of the sentence expected ---
+
+def train(script, *bad):
+    return (script, ["train", "--run", "{scratch}/new-run", *TRAIN[script], *bad])
+
+
+CASES = [
+    # pvdm.py train: ranges, then what only several values together reveal
+    (train("pvdm", "--batch-size", "0"), "--batch-size must be an integer >= 1, got 0"),
+    (train("pvdm", "--batch-size", "-3"), "--batch-size must be an integer >= 1"),
+    (train("pvdm", "--batch-size", "many"), "--batch-size must be an integer"),
+    (train("pvdm", "--ae-batch-size", "0"), "--ae-batch-size must be"),
+    (train("pvdm", "--lr", "nan"), "--lr must be a finite number > 0, got nan"),
+    (train("pvdm", "--lr", "inf"), "--lr must be a finite number > 0"),
+    (train("pvdm", "--lr", "0"), "--lr must be a finite number > 0"),
+    (train("pvdm", "--ae-lr=-1e-3"), "--ae-lr must be"),
+    (train("pvdm", "--seed", "1e23"), "--seed must be an integer between 0 and"),
+    (train("pvdm", "--seed", "-1"), "--seed must be an integer between 0 and"),
+    (train("pvdm", "--seed", str(2 ** 63)), "--seed must be an integer between 0 and 9223372036854775807"),
+    (train("pvdm", "--patch", "0"), "--patch must be an integer >= 1"),
+    (train("pvdm", "--patch", "3"), "not divisible by --patch 3"),
+    (train("pvdm", "--steps", "-1"), "--steps must be an integer >= 1"),
+    (train("pvdm", "--ae-steps", "0"), "--ae-steps must be an integer >= 1"),
+    (train("pvdm", "--gan-steps", "-1"), "--gan-steps must be an integer >= 0"),
+    (train("pvdm", "--lam", "2"), "--lam must be a finite number between 0 and 1"),
+    (train("pvdm", "--lam", "nan"), "--lam must be"),
+    (train("pvdm", "--frames", "0"), "--frames must be"),
+    (train("pvdm", "--frames", "5"), "must be divisible by 2"),
+    (train("pvdm", "--resolution", "0"), "--resolution must be"),
+    (train("pvdm", "--save-every", "-1"), "--save-every must be an integer >= 0"),
+    (train("pvdm", "--sample-every", "-5"), "--sample-every must be"),
+    # pvdm.py sample and eval
+    (("pvdm", ["sample", "--run", "{pvdm}", "--n", "0"]), "--n must be an integer >= 1, got 0"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--frames", "0"]), "--frames must be an integer >= 1"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--steps", "0"]), "--steps must be"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--steps", "5000"]), "between 1 and the schedule's 1000 steps"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--cond-steps", "0"]), "--cond-steps must be"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--eta", "nan"]), "--eta must be a finite number between 0 and 1"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--eta", "2"]), "--eta must be"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--guidance", "nan"]), "--guidance must be a finite number"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--guidance", "1"]), "unconditional on classes"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--seed", "1e23"]), "--seed must be"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--label", "-1"]), "--label must be"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--out", "{scratch}/a-file/out"]), "Not a directory"),
+    (("pvdm", ["sample", "--ckpt", "{pvdm}/ae.pt"]), "not a diffusion one"),
+    (("pvdm", ["sample", "--ckpt", "{videofusion}/diffusion.pt"]), "written by videofusion.py, not pvdm.py"),
+    (("pvdm", ["sample", "--run", "{pvdm-empty}"]), "it is empty, truncated or damaged"),
+    (("pvdm", ["sample", "--run", "{pvdm-truncated}"]), "not a readable checkpoint"),
+    (("pvdm", ["sample", "--run", "{pvdm-flipped}"]), "is damaged"),
+    (("pvdm", ["sample", "--run", "{pvdm-future}"]), "setting future_setting=1, which this version of pvdm.py"),
+    (("pvdm", ["sample", "--run", "{pvdm-missing}"]), "has no weight"),
+    (("pvdm", ["sample", "--run", "{pvdm-misshapen}"]), "has shape (1, 2, 3)"),
+    (("pvdm", ["eval", "--run", "{pvdm}", "--batch-size", "0"]), "--batch-size must be an integer >= 1"),
+    (("pvdm", ["eval", "--run", "{pvdm}", "--n", "0"]), "--n must be"),
+    (("pvdm", ["eval", "--run", "{pvdm}", "--frames", "-16"]), "--frames must be"),
+    (("pvdm", ["eval", "--run", "{pvdm}", "--seed", "-1"]), "--seed must be"),
+    (("pvdm", ["eval", "--run", "{pvdm-flipped}"]), "is damaged"),
+    # videofusion.py
+    (train("videofusion", "--batch-size", "0"), "--batch-size must be"),
+    (train("videofusion", "--lr", "inf"), "--lr must be"),
+    (train("videofusion", "--p-uncond", "2"), "--p-uncond must be a finite number between 0 and 1"),
+    (train("videofusion", "--p-uncond", "nan"), "--p-uncond must be"),
+    (train("videofusion", "--lam", "0"), "--lam must be a finite number > 0 and < 1"),
+    (train("videofusion", "--lam", "1"), "--lam must be"),
+    (train("videofusion", "--frames", "1"), "--frames must be an integer >= 2"),
+    (train("videofusion", "--resolution", "6"), "which the U-Nets halve 2 times"),
+    (train("videofusion", "--base-steps", "-1"), "--base-steps must be an integer >= 0"),
+    (train("videofusion", "--steps", "-1"), "--steps must be"),
+    (train("videofusion", "--seed", "1e23"), "--seed must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "nan"]), "--guidance must be a finite number"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "-1"]), "--guidance must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--eta", "1.5"]), "--eta must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--n", "0"]), "--n must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--frames", "0"]), "--frames must be"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--label", "99"]), "--label must be in 0.."),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
+    (("videofusion", ["sample", "--run", "{videofusion-empty}"]), "not a readable checkpoint"),
+    (("videofusion", ["sample", "--run", "{videofusion-flipped}"]), "is damaged"),
+    (("videofusion", ["sample", "--run", "{videofusion-future}"]), "setting future_setting=1"),
+    (("videofusion", ["sample", "--run", "{videofusion-missing}"]), "has no weight"),
+    (("videofusion", ["sample", "--run", "{videofusion-misshapen}"]), "has shape (1, 2, 3)"),
+    (("videofusion", ["eval", "--run", "{videofusion}", "--batch-size", "0"]), "--batch-size must be"),
+    (("videofusion", ["eval", "--run", "{videofusion}", "--n", "-1"]), "--n must be"),
+    # lvdm.py
+    (train("lvdm", "--batch-size", "0"), "--batch-size must be"),
+    (train("lvdm", "--lr", "nan"), "--lr must be"),
+    (train("lvdm", "--ae-lr", "0"), "--ae-lr must be"),
+    (train("lvdm", "--p-cond-pred", "1.5"), "--p-cond-pred must be a finite number between 0 and 1"),
+    (train("lvdm", "--p-cond-interp", "-0.1"), "--p-cond-interp must be"),
+    (train("lvdm", "--key-stride", "1"), "--key-stride must be an integer >= 2"),
+    (train("lvdm", "--cond-latents", "0"), "--cond-latents must be"),
+    (train("lvdm", "--cond-noise-max", "0"), "--cond-noise-max must be"),
+    (train("lvdm", "--cond-noise-max", "5000"), "--cond-noise-max must be between 1 and 1000"),
+    (train("lvdm", "--resolution", "12"), "which the U-Net halves 1 times"),
+    (train("lvdm", "--frames", "10"), "not a multiple of the autoencoder's temporal factor"),
+    (train("lvdm", "--disc-start", "-1"), "--disc-start must be"),
+    (train("lvdm", "--seed", "1e23"), "--seed must be"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--eta", "nan"]), "--eta must be"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--cond-noise", "-1"]), "--cond-noise must be an integer >= 0"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--n", "0"]), "--n must be"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--steps", "0"]), "--steps must be"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--frames", "0"]), "--frames must be"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--guidance", "inf"]), "--guidance must be"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
+    (("lvdm", ["sample", "--run", "{lvdm-empty}"]), "not a readable checkpoint"),
+    (("lvdm", ["sample", "--run", "{lvdm-flipped}"]), "is damaged"),
+    (("lvdm", ["sample", "--run", "{lvdm-future}"]), "setting future_setting=1"),
+    (("lvdm", ["sample", "--run", "{lvdm-missing}"]), "has no weight"),
+    (("lvdm", ["sample", "--run", "{lvdm-misshapen}"]), "has shape (1, 2, 3)"),
+    (("lvdm", ["eval", "--run", "{lvdm}", "--guidance", "nan"]), "--guidance must be"),
+    (("lvdm", ["eval", "--run", "{lvdm}", "--batch-size", "0"]), "--batch-size must be"),
+    # python -m eval.fvd
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--n", "1"]), "--n must be an integer >= 2"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--frames", "4"]), "--frames must be an integer >= "
+                                                                                        "9"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--batch-size", "0"]), "--batch-size must be"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--seed", "-1"]), "--seed must be"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--resolution", "0"]), "--resolution must be"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/empty.npz"]), "empty.npz is not a readable npz archive (an "
+                                                                         "empty file)"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/text.npz"]), "text.npz is not a readable npz archive"),
+    (("fvd", ["--real", "{npz}/nokey.npz", "--fake", "{npz}/ok.npz"]), "has no `videos` array (it holds clips)"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/float.npz"]), "should be uint8 (N, T, H, W, 3) RGB videos, "
+                                                                         "found float32"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/gray.npz"]), "found uint8 (2, 16, 8, 8, 1)"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/rgba.npz"]), "found uint8 (2, 16, 8, 8, 4)"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/none.npz"]), "holds no videos"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/frames.npz"]), "found uint8 (16, 8, 8, 3)"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/missing.npz"]), "missing.npz does not exist"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "nonsense"]), "is neither a .npz file"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--out", "{scratch}/a-file/fvd.json"]),
+     "a-file is a file, not a folder"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--out", "{scratch}"]), "it is a folder, not a file"),
+    # python -m eval.inception_score (the npz is checked before the C3D weights are looked for)
+    (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--splits", "0"]), "--splits must be"),
+    (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--n", "0"]), "--n must be"),
+    (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--batch-size", "0"]), "--batch-size must"),
+    (("inception_score", ["--c3d", "c3d.npz", "--fake", "{npz}/rgba.npz"]), "found uint8 (2, 16, 8, 8, 4)"),
+    (("inception_score", ["--c3d", "c3d.npz", "--fake", "{npz}/empty.npz"]), "not a readable npz archive"),
+    (("inception_score", ["--c3d", "c3d.npz", "--fake", "{npz}/nokey.npz"]), "has no `videos` array"),
+    (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--out", "{scratch}/a-file/is.json"]),
+     "a-file is a file, not a folder"),
+]
+
+
+def expand(argv, world):
+    return [a.format_map(world) for a in argv]
+
+
+def case_id(script, argv):
+    """`pvdm train --lr nan`, `fvd --fake {npz}/gray.npz`: the command and the input that is wrong."""
+    command = argv[0] if argv[0] in ("train", "sample", "eval") else ""
+    wrong = argv[-1:] if argv[-1].startswith("--") else argv[-2:]
+    return " ".join(filter(None, [script, command, *wrong]))
+
+
+@pytest.mark.parametrize("case,expected", CASES, ids=[case_id(*case) for case, _ in CASES])
+def test_a_malformed_input_is_one_sentence_and_changes_nothing(world, case, expected, capsys):
+    script, argv = case
+    argv = expand(argv, world)                  # first: it may train the run the case needs
+    before = snapshot(world.root)
+    status, err = as_user(ENTRIES[script], argv, capsys)
+    lines = err.strip().splitlines()
+    assert status == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert snapshot(world.root) == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["pvdm.py", "train", "--batch-size", "0"],
+    ["videofusion.py", "sample", "--run", "{videofusion-flipped}", "--guidance", "1"],
+    ["lvdm.py", "sample", "--run", "{lvdm-future}"],
+    ["-m", "eval.fvd", "--real", "{npz}/ok.npz", "--fake", "{npz}/gray.npz"],
+], ids=["pvdm", "videofusion", "lvdm", "eval.fvd"])
+def test_the_real_entry_points_agree(world, argv):
+    """The same through `python X.py`: what main prints is what the user sees."""
+    out = run_script(*expand(argv, world))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+
+
+def test_more_splits_than_videos_is_one_sentence(world, capsys, monkeypatch):
+    """IS over 5 splits of 2 videos would average empty splits: refused once the count is known, before C3D runs."""
+    monkeypatch.setattr(inception_score, "load_c3d", lambda *a: None)
+    status, err = as_user(inception_score.run, ["--fake", f"{world['npz']}/ok.npz", "--c3d", "c3d.npz", "--splits",
+                                                "5"], capsys)
+    assert status == 2 and err.strip().splitlines() == [f"error: --splits 5 needs at least as many videos, and "
+                                                        f"{world['npz']}/ok.npz gives 2"]
