@@ -48,12 +48,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from common.checkpoint import find_checkpoint, load_checkpoint
-from common.cli import build_parser, check_steps, config_from_args, eval_settings, flag, main
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
+from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, LABELLED, SyntheticVideos, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_vqvdm, ddim_sample, ddpm_sample, guided
 from common.errors import UserError
 from common.evaluate import evaluate_run
+from common.files import output_folder
 from common.gan import feature_matching, frozen, started, vanilla_d_loss, vanilla_g_loss
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
@@ -72,24 +73,26 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(1000, "diffusion steps")
-    ae_steps: int = flag(600, "VQGAN steps")
-    batch_size: int = flag(8, "clips per diffusion step and process")
-    ae_batch_size: int = flag(4, "clips per VQGAN step and process")
-    lr: float = flag(1e-3, "diffusion learning rate (AdamW, constant; ours: the paper gives none)")
-    ae_lr: float = flag(1e-3, "VQGAN and discriminator learning rate (Adam, betas 0.5, 0.9 as TATS; ours)")
-    seed: int = flag(0, "random seed")
-    sample_every: int = flag(0, "write a sample GIF every N diffusion steps (0: never)")
-    save_every: int = flag(200, "checkpoint every N steps")
+    steps: int = flag(1000, "diffusion steps", lo=1)
+    ae_steps: int = flag(600, "VQGAN steps", lo=1)
+    batch_size: int = flag(8, "clips per diffusion step and process", lo=1)
+    ae_batch_size: int = flag(4, "clips per VQGAN step and process", lo=1)
+    lr: float = flag(1e-3, "diffusion learning rate (AdamW, constant; ours: the paper gives none)", lo=0, lo_open=True)
+    ae_lr: float = flag(1e-3, "VQGAN and discriminator learning rate (Adam, betas 0.5, 0.9 as TATS; ours)", lo=0,
+                        lo_open=True)
+    seed: int = flag(0, "random seed", lo=0, hi=SEED_MAX)
+    sample_every: int = flag(0, "write a sample GIF every N diffusion steps (0: never)", lo=0)
+    save_every: int = flag(200, "checkpoint every N steps (0: only at the end)", lo=0)
     # the paper's method
-    frames: int = flag(16, "frames per clip (a multiple of the VQGAN's temporal factor)")
-    resolution: int = flag(32, "frame height and width")
+    frames: int = flag(16, "frames per clip (a multiple of the VQGAN's temporal factor)", lo=1)
+    resolution: int = flag(32, "frame height and width", lo=1)
     class_cond: bool = flag(True, "condition on the class label (Eq. 8) with classifier-free guidance (Eq. 9)")
     fps_cond: bool = flag(True, "condition on the clip's frame rate (Eq. 6)")
-    rho: float = flag(0.5, "probability of an unconditional example (Eq. 7) in joint training; 1 on Sky (§3.1)")
-    disc_start: int = flag(300, "VQGAN step from which the adversarial terms are on (paper: 10,000)")
+    rho: float = flag(0.5, "probability of an unconditional example (Eq. 7) in joint training; 1 on Sky (§3.1)",
+                      lo=0, hi=1)
+    disc_start: int = flag(300, "VQGAN step from which the adversarial terms are on (paper: 10,000)", lo=0)
     restart_after: int = flag(50, "a code no vector picked for this many VQGAN steps moves onto an encoder output "
-                              "(ours, against codebook collapse; 0: never)")
+                              "(ours, against codebook collapse; 0: never)", lo=0)
     latent: str = flag("z_e", "the diffused latent: z_e before quantization (re-quantized before decoding) or the "
                        "quantized z_q (ours: the paper does not say)", choices=["z_e", "z_q"])
     # set by `train` from the data (rebuilding the model needs them)
@@ -586,8 +589,6 @@ def check_config(cfg: Config):
         raise UserError(f"--resolution {cfg.resolution} must be divisible by {cfg.ae_down_s * 2 ** (len(cfg.mult) - 1)}"
                         f" (the VQGAN's spatial factor {cfg.ae_down_s} times the U-Net's {len(cfg.mult) - 1} "
                         f"halvings)")
-    if not 0 <= cfg.rho <= 1:
-        raise UserError(f"--rho is a probability, between 0 and 1; got {cfg.rho}")
     if cfg.frames < 2 ** cfg.disc_layers:
         raise UserError(f"--frames {cfg.frames} is too short for the discriminator's {cfg.disc_layers} strided layers:"
                         f" use at least {2 ** cfg.disc_layers} frames")
@@ -614,7 +615,7 @@ def load_vqgan(run_dir, cfg: Config, device) -> VQGAN3D:
         raise UserError(f"no VQGAN in {run_dir}: run `python {SCRIPT}.py train --stage ae` first")
     state = load_checkpoint(path, SCRIPT, {k: getattr(cfg, k) for k in AE_ARCH}, device)["model"]
     vq = VQGAN3D(cfg).to(device)
-    vq.load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("vq.")})
+    load_state_checked(vq, {k[3:]: v for k, v in state.items() if k.startswith("vq.")}, path)
     return vq.eval().requires_grad_(False)
 
 
@@ -759,31 +760,26 @@ def generate(unet: UNet3D, vq: VQGAN3D, sched: Schedule, cfg: Config, *, n, labe
 def load_for_sampling(args, device):
     """The EMA diffusion model and the frozen VQGAN of a run or checkpoint file."""
     path = find_checkpoint(SCRIPT, args.run, args.ckpt)
-    ckpt = load_checkpoint(path, SCRIPT, mmap=True)
+    ckpt = load_checkpoint(path, SCRIPT, mmap=True, entries=("ema",))
     if "ema" not in ckpt:
         raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint, not a diffusion one: pass diffusion.pt")
-    cfg = Config(**ckpt["config"])
-    unet = UNet3D(cfg)
-    unet.load_state_dict(ckpt["ema"]["model"])
+    cfg = config_from_checkpoint(Config, ckpt, path)
+    unet = load_state_checked(UNet3D(cfg), ckpt["ema"]["model"], path)
     return cfg, unet.to(device).eval(), load_vqgan(path.parent, cfg, device), path
 
 
 def check_guidance(guidance, label, unet: UNet3D):
-    """--label and Eq. (9)'s w need a class-conditional run; w must be finite."""
+    """--label and Eq. (9)'s w need a class-conditional run."""
     if not unet.num_classes:
         if label is not None or guidance != 1:
             raise UserError("this run is unconditional on classes: --label and --guidance need one trained with "
                             "--class-cond on labelled data")
-    elif not math.isfinite(guidance):
-        raise UserError(f"--guidance must be a finite number, got {guidance}")
 
 
 def conditioning(args, cfg: Config, unet: UNet3D, n):
     """The labels (n,) or None and the fps that `sample` asks for, checked against what the run learned."""
     if args.fps is not None and not cfg.fps_cond:
         raise UserError("this run was trained without fps conditioning: --fps does not apply")
-    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
-        raise UserError(f"--fps must be a positive frame rate, got {args.fps}")
     check_guidance(args.guidance, args.label, unet)
     if not unet.num_classes:
         return None, args.fps
@@ -806,11 +802,11 @@ def sample(args):
     check_steps(sched, ("--steps", args.steps))
     check_frames(args.frames, cfg)
     labels, fps = conditioning(args, cfg, unet, args.n)
+    out = output_folder(args.out or path.parent / "samples" / "sample")
     videos = generate(unet, vq, sched, cfg, n=args.n, labels=labels, fps=fps, guidance=args.guidance,
                       frames=args.frames, steps=args.steps, sampler=args.sampler, eta=args.eta,
                       requantize=args.requantize, seed=args.seed, device=device,
                       dtype=pick_precision(args.precision, device), progress=True)
-    out = Path(args.out or path.parent / "samples" / "sample")
     write_samples(out, videos, None if labels is None else labels.numpy())
     how = f"class {args.label}" if args.label is not None else "classes in turn" if labels is not None else "unconditional"
     print(f"wrote {args.n} videos ({how}, w = {args.guidance}, {fps or cfg.fps:g} fps) to {out}/ (grid.gif, "
@@ -846,15 +842,15 @@ def evaluate(args):
 def cli(argv=None):
     parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
     s = sub["sample"]
-    s.add_argument("--fps", type=float, default=None, help="frame rate of the clips (default: the training data's)")
+    s.add_argument("--fps", type=number(float, lo=0, lo_open=True), default=None, help="frame rate of the clips (default: the training data's)")
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="DDPM (--steps below T respaces it) or DDIM")
-    s.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity")
+    s.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM stochasticity")
     s.add_argument("--requantize", default=True, action=argparse.BooleanOptionalAction,
                    help="snap sampled z_e to its nearest codes before decoding (runs trained with --latent z_q "
                         "diffuse codes: nothing to snap)")
     s.set_defaults(steps=100, guidance=1.0)
-    sub["eval"].add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance w")
+    sub["eval"].add_argument("--guidance", type=number(float, lo=0), default=1.0, help="classifier-free guidance w")
     for p in (s, sub["eval"]):   # Eq. (9)'s w differs from LVDM's and VideoFusion's: say so where users look
         next(a for a in p._actions if a.dest == "guidance").help = (
             "classifier-free guidance w of Eq. (9), w (eps_c - eps_u) + eps_u: 1 is the plain conditional model, "

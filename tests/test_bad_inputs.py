@@ -13,12 +13,13 @@ import torch
 import lvdm
 import pvdm
 import videofusion
+import vqvdm
 from common.checkpoint import save_checkpoint
 from common.cli import main
 from eval import fvd, inception_score
 from tests.fixtures import run_script
 
-ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "fvd": fvd.run,
+ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "vqvdm": vqvdm.cli, "fvd": fvd.run,
            "inception_score": inception_score.run}
 
 # the smallest runs each script trains (as in its own tests), and train flags that would finish in seconds if a bad
@@ -30,7 +31,9 @@ V_FLAGS = ["--frames", "4", "--resolution", "16", "--sample-every", "0", "--save
 L_FLAGS = ["--frames", "12", "--resolution", "16", "--key-stride", "2", "--sample-every", "0", "--save-every", "0",
            "--batch-size", "2", "--ae-batch-size", "2", "--disc-start", "1", "--ae-steps", "1", "--steps", "1",
            "--pred-steps", "1", "--interp-steps", "1"]
-TRAIN = {"pvdm": P_FLAGS, "videofusion": V_FLAGS, "lvdm": L_FLAGS}
+Q_FLAGS = ["--frames", "8", "--resolution", "16", "--sample-every", "0", "--save-every", "0", "--batch-size", "2",
+           "--ae-batch-size", "2", "--disc-start", "1", "--ae-steps", "1", "--steps", "1"]
+TRAIN = {"pvdm": P_FLAGS, "videofusion": V_FLAGS, "lvdm": L_FLAGS, "vqvdm": Q_FLAGS}
 
 
 def as_user(entry, argv, capsys):
@@ -93,7 +96,7 @@ class World(dict):
     at once; a script's trained run ("pvdm", "videofusion", "lvdm") and the damaged copies of its sampling checkpoint
     ("pvdm-flipped", ...) are trained the first time a case names one, so the cases that need no run need no
     training."""
-    SAMPLED = {"pvdm": "diffusion", "videofusion": "diffusion", "lvdm": "short"}     # the checkpoint sample reads
+    SAMPLED = {"pvdm": "diffusion", "videofusion": "diffusion", "lvdm": "short", "vqvdm": "diffusion"}   # sample reads
 
     def __init__(self, root):
         super().__init__(scratch=root / "scratch", npz=root / "npz")
@@ -117,13 +120,15 @@ class World(dict):
         stage, run = self.SAMPLED[script], self.root / script
         self[script] = run
         with pytest.MonkeyPatch.context() as mp:
-            for module, generate in ((pvdm, "generate"), (videofusion, "generate"), (lvdm, "generate_short")):
+            for module, generate in ((pvdm, "generate"), (videofusion, "generate"), (lvdm, "generate_short"),
+                                     (vqvdm, "generate")):
                 mp.setattr(module, generate, one_step(getattr(module, generate)))
             # lvdm: the autoencoder and the short model, all that sampling short clips reads
             for stages in (["--stage", "ae"], ["--stage", "short"]) if script == "lvdm" else ([],):
                 ENTRIES[script](["train", "--run", str(run), *stages, *TRAIN[script]])
-        # lvdm samples from a mapped file and reads only the EMA weights, saved after the model and optimizer: 7/8 in
-        at = 7 / 8 if script == "lvdm" else 0.5
+        # lvdm and vqvdm sample from a mapped file and read only the EMA weights, saved after the model and
+        # optimizer: 7/8 in
+        at = 7 / 8 if script in ("lvdm", "vqvdm") else 0.5
         for how, damage in {**DAMAGE, "flipped": lambda p: flip(p, at)}.items():
             copy = self.root / "damaged" / f"{script}-{how}"
             shutil.copytree(run, copy)               # sampling reads the autoencoder beside the checkpoint
@@ -249,6 +254,37 @@ CASES = [
     (("lvdm", ["sample", "--run", "{lvdm-misshapen}"]), "has shape (1, 2, 3)"),
     (("lvdm", ["eval", "--run", "{lvdm}", "--guidance", "nan"]), "--guidance must be"),
     (("lvdm", ["eval", "--run", "{lvdm}", "--batch-size", "0"]), "--batch-size must be"),
+    # vqvdm.py
+    (train("vqvdm", "--batch-size", "0"), "--batch-size must be"),
+    (train("vqvdm", "--lr", "inf"), "--lr must be"),
+    (train("vqvdm", "--ae-lr", "-1"), "--ae-lr must be"),
+    (train("vqvdm", "--rho", "1.5"), "--rho must be a finite number between 0 and 1"),
+    (train("vqvdm", "--restart-after", "-1"), "--restart-after must be an integer >= 0"),
+    (train("vqvdm", "--disc-start", "-1"), "--disc-start must be"),
+    (train("vqvdm", "--latent", "z"), "invalid choice: 'z'"),
+    (train("vqvdm", "--frames", "10"), "not a multiple of the VQGAN's temporal factor"),
+    (train("vqvdm", "--frames", "4"), "too short for the discriminator"),
+    (train("vqvdm", "--resolution", "12"), "must be divisible by 8"),
+    (train("vqvdm", "--seed", "-3"), "--seed must be"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--n", "0"]), "--n must be"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--steps", "1001"]), "--steps must be between 1 and the schedule's 1000"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--frames", "6"]), "--frames must be a positive multiple"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--label", "4"]), "--label must be in 0..3"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--fps", "nan"]), "--fps must be a finite number > 0"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--guidance", "-1"]), "--guidance must be"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--eta", "2"]), "--eta must be"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
+    (("vqvdm", ["sample", "--ckpt", "{vqvdm}/ae.pt"]), "not a diffusion one"),
+    (("vqvdm", ["sample", "--run", "{vqvdm-empty}"]), "not a readable checkpoint"),
+    (("vqvdm", ["sample", "--run", "{vqvdm-truncated}"]), "not a readable checkpoint"),
+    (("vqvdm", ["sample", "--run", "{vqvdm-flipped}"]), "is damaged"),
+    (("vqvdm", ["sample", "--run", "{vqvdm-future}"]), "setting future_setting=1"),
+    (("vqvdm", ["sample", "--run", "{vqvdm-missing}"]), "has no weight"),
+    (("vqvdm", ["sample", "--run", "{vqvdm-misshapen}"]), "has shape (1, 2, 3)"),
+    (("vqvdm", ["sample", "--ckpt", "{pvdm}/diffusion.pt"]), "written by pvdm.py, not vqvdm.py"),
+    (("vqvdm", ["eval", "--run", "{vqvdm}", "--guidance", "nan"]), "--guidance must be"),
+    (("vqvdm", ["eval", "--run", "{vqvdm}", "--frames", "6"]), "--frames must be a positive multiple"),
+    (("vqvdm", ["eval", "--run", "{vqvdm}", "--batch-size", "0"]), "--batch-size must be"),
     # python -m eval.fvd
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--n", "1"]), "--n must be an integer >= 2"),
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--frames", "4"]), "--frames must be an integer >= "

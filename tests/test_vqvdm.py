@@ -436,16 +436,16 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path, trained):
         vqvdm.cli(["train", "--frames", "10", "--run", str(tmp_path / "r")])
     with pytest.raises(UserError, match="must be divisible by 8"):
         vqvdm.cli(["train", "--resolution", "20", "--run", str(tmp_path / "r")])
-    with pytest.raises(UserError, match="--rho is a probability"):
+    with pytest.raises(UserError, match="--rho must be a finite number between 0 and 1"):
         vqvdm.cli(["train", "--rho", "1.5", "--run", str(tmp_path / "r")])
     assert not (tmp_path / "r").exists()
     with pytest.raises(UserError, match="no checkpoint at .*none"):
         vqvdm.cli(["sample", "--run", str(tmp_path / "none")])
-    with pytest.raises(UserError, match="--guidance must be a finite number"):
+    with pytest.raises(UserError, match="--guidance must be a finite number >= 0"):
         vqvdm.cli(["sample", "--run", str(trained), "--guidance", "nan"])
     with pytest.raises(UserError, match="--label must be in 0..3"):
         vqvdm.cli(["sample", "--run", str(trained), "--label", "4"])
-    with pytest.raises(UserError, match="--fps must be a positive"):
+    with pytest.raises(UserError, match="--fps must be a finite number > 0"):
         vqvdm.cli(["sample", "--run", str(trained), "--fps", "0"])
     with pytest.raises(UserError, match="--frames must be a positive multiple"):
         vqvdm.cli(["sample", "--run", str(trained), "--frames", "6"])
