@@ -55,7 +55,7 @@ from common.diffusion import Schedule, cfg_vqvdm, ddim_sample, ddpm_sample, guid
 from common.errors import UserError
 from common.evaluate import evaluate_run
 from common.files import output_folder
-from common.gan import feature_matching, frozen, started, vanilla_d_loss, vanilla_g_loss
+from common.gan import feature_matching, frozen, pix2pix_init, started, vanilla_d_loss, vanilla_g_loss
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
@@ -323,12 +323,7 @@ class Discriminator3D(nn.Module):
                                       nn.LeakyReLU(0.2)))
             c = cout
         self.layers, self.logit = nn.ModuleList(mods), nn.Conv3d(c, 1, 1)
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.GroupNorm):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        pix2pix_init(self)
 
     def forward(self, x):
         feats = []
@@ -808,7 +803,7 @@ def sample(args):
                       requantize=args.requantize, seed=args.seed, device=device,
                       dtype=pick_precision(args.precision, device), progress=True)
     write_samples(out, videos, None if labels is None else labels.numpy())
-    how = f"class {args.label}" if args.label is not None else "classes in turn" if labels is not None else "unconditional"
+    how = "unconditional" if labels is None else f"class {args.label}" if args.label is not None else "classes in turn"
     print(f"wrote {args.n} videos ({how}, w = {args.guidance}, {fps or cfg.fps:g} fps) to {out}/ (grid.gif, "
           f"samples.npz, video_*.mp4)")
 
@@ -842,7 +837,8 @@ def evaluate(args):
 def cli(argv=None):
     parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
     s = sub["sample"]
-    s.add_argument("--fps", type=number(float, lo=0, lo_open=True), default=None, help="frame rate of the clips (default: the training data's)")
+    s.add_argument("--fps", type=number(float, lo=0, lo_open=True), default=None,
+                   help="frame rate of the clips (default: the training data's)")
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="DDPM (--steps below T respaces it) or DDIM")
     s.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM stochasticity")

@@ -37,12 +37,7 @@ class PatchGAN(nn.Module):
             c = cout
         mods.append(conv(c, 1, kernel, 1, padding))
         self.layers = nn.ModuleList(mods)
-        for m in self.modules():
-            if isinstance(m, conv):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        pix2pix_init(self)
 
     def forward(self, x):
         feats = []
@@ -50,6 +45,17 @@ class PatchGAN(nn.Module):
             x = layer(x)
             feats.append(x)
         return x, feats[:-1]
+
+
+def pix2pix_init(module: nn.Module) -> nn.Module:
+    """pix2pix's discriminator init: conv weights N(0, 0.02), norm scales N(1, 0.02) and shifts 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return module
 
 
 # --- Discriminator and generator losses ---

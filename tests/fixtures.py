@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import imageio.v3 as iio
 import numpy as np
+import torch
 
 LEVEL = 6
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,18 @@ def torchrun_probed(tmp_path, script, *args):
     probe = Path(tmp_path) / f"probe_{script}.py"
     probe.write_text(RANK_PROBE.format(script=script))
     return torchrun(probe, str(tmp_path), *args)
+
+
+def stagewise_equals_one_train(cli, stages, args, tmp_path):
+    """Train once with `train`, and once a stage per command; every stage's weights must come out identical (each
+    stage continues the RNG stream of the one before it)."""
+    cli(["train", "--run", str(tmp_path / "one"), *args])
+    for stage in stages:
+        cli(["train", "--run", str(tmp_path / "staged"), "--stage", stage, *args])
+    for stage in stages:
+        one = torch.load(tmp_path / "one" / f"{stage}.pt", weights_only=True)["model"]
+        staged = torch.load(tmp_path / "staged" / f"{stage}.pt", weights_only=True)["model"]
+        assert all(torch.equal(one[k], staged[k]) for k in one), stage
 
 
 def frames(n, h=48, w=64):

