@@ -19,8 +19,9 @@ Implemented here, all of it:
        otherwise, fps never dropped; classifier-free guidance w (eps_c - eps_u) + eps_u (Eq. 9)
 What the paper leaves open, each chosen here and named as a config field (no official code exists): the codebook
 size; a data-dependent codebook initialisation and the restart of dead codes from encoder outputs (against the
-classic VQGAN codebook collapse); the diffused latent (z_e before quantization, normalised by statistics of
-training latents, and re-quantized before decoding: `--latent z_q` diffuses the quantized one); the widths and
+classic VQGAN codebook collapse); the diffused latent (z_e before quantization, mapped from
+the codebook's range onto [-1, 1], where sampling clips x0_hat as DDPM clips pixels, and re-quantized before
+decoding: `--latent z_q` diffuses the quantized one); the widths and
 depth of both networks; down-sampling in space only; no temporal position code beyond the causal mask and the 3D
 convolutions; the sampler (DDPM, "standard DDPM [4]", T = 1000 with the linear schedule); the generator's side of
 Eq. (3) as the non-saturating -log D(x_hat); --disc-start gating the feature matching of Eq. (4) too, as TATS does
