@@ -53,6 +53,13 @@ def torchrun_probed(tmp_path, script, *args):
     return torchrun(probe, str(tmp_path), *args)
 
 
+def assert_ranks_in_step(out, tmp_path, stages):
+    """After torchrun_probed: the run finished and both ranks ended every stage with the same weights."""
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in stages:
+        assert (Path(tmp_path) / f"{stage}.0").read_text() == (Path(tmp_path) / f"{stage}.1").read_text(), stage
+
+
 def stagewise_equals_one_train(cli, stages, args, tmp_path):
     """Train once with `train`, and once a stage per command; every stage's weights must come out identical (each
     stage continues the RNG stream of the one before it)."""
