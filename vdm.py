@@ -1,0 +1,371 @@
+"""VDM: Video Diffusion Models, the pixel-space baseline every paper here measures itself against.
+Ho, Salimans, Gritsenko, Chan, Norouzi, Fleet. arXiv 2204.03458 (2022).
+
+The idea: run diffusion directly on the pixels of a clip with a 3D U-Net whose convolutions are space-only
+(1x3x3) and whose attention is factorized: spatial attention over the H*W positions of each frame, then
+temporal attention over the T frames at each position, with relative positions so that nothing ties a frame to
+an absolute time. Higher resolutions come from a cascade: a second U-Net of the same kind denoises the 256^2
+video while it sees the base model's 64^2 output upsampled (Ho et al. §3; LVDM §4.2 builds its 256^2 VDM
+baseline this way, "397+48M").
+
+Implemented here:
+  the factorized space-time U-Net: ADM ResBlocks on 1x3x3 convolutions with the timestep in adaptive group norm,
+       spatial self-attention at the configured levels, temporal self-attention with Shaw et al.'s learned
+       relative positions at every level (no causal mask: every frame sees every frame), the same in the middle
+  the denoising objective: eps-prediction with the plain L2 loss on the cosine schedule, EMA weights
+  the super-resolution stage (Ho et al. §3, after Cascaded Diffusion Models, Ho et al. 2022): the noisy
+       high-resolution clip concatenated with the bilinearly upsampled low-resolution one (6 input channels),
+       Gaussian conditioning augmentation of the low-resolution input with its noise level embedded (CDM §3.2)
+  sampling: DDIM or ancestral DDPM per stage, x0_hat clipped to the pixel range [-1, 1]
+Not implemented, on purpose: joint image-video training (Ho et al. §3.2: extra independent frames with the
+temporal attention masked) and reconstruction-guided sampling for longer videos (§3.1); the other papers'
+tables compare against fixed-length unconditional generation, which is what this script gives. Widths and
+depths are ours: the papers that measure against VDM do not publish theirs (see README, Efficiency).
+
+    python vdm.py train                                     # tiny demo on synthetic videos, CPU, < 10 minutes
+    python vdm.py sample                                    # 8 videos: base model, then super-resolution
+    python vdm.py eval                                      # FVD/KVD against the training data
+    python vdm.py train --data ucf101 --data-root DIR --preset ucf64     # the ~400M base model at 16x64^2
+    python vdm.py train --data ucf101 --data-root DIR --preset ucf256    # the same, then SR 64^2 -> 256^2
+"""
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
+from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
+from common.data import DATASETS, make_dataset
+from common.diffusion import Schedule, ddim_sample, ddpm_sample
+from common.errors import UserError
+from common.evaluate import evaluate_run
+from common.files import output_folder
+from common.nn import norm, timestep_embedding, zero
+from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
+from common.train import Run, train_stage
+from common.video import make_grid, to_uint8, write_gif, write_samples
+
+SCRIPT = "vdm"
+
+
+# --- Configuration ---
+
+@dataclass
+class Config:
+    # data and optimisation (shared flags of every script)
+    data: str = flag("synthetic", "dataset", choices=list(DATASETS))
+    data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
+    steps: int = flag(1200, "steps of the base model", lo=1)
+    sr_steps: int = flag(600, "steps of the super-resolution model (with --sr-resolution)", lo=1)
+    batch_size: int = flag(8, "clips per base step and process", lo=1)
+    sr_batch_size: int = flag(4, "clips per super-resolution step and process", lo=1)
+    lr: float = flag(5e-4, "learning rate of both models (AdamW, constant)", lo=0, lo_open=True)
+    seed: int = flag(0, "random seed", lo=0, hi=SEED_MAX)
+    sample_every: int = flag(0, "write a sample GIF every N base steps (0: never)", lo=0)
+    save_every: int = flag(200, "checkpoint every N steps (0: only at the end)", lo=0)
+    # the method
+    frames: int = flag(16, "frames per clip", lo=1)
+    resolution: int = flag(16, "frame height and width of the base model", lo=1)
+    sr_resolution: int = flag(32, "frame size of the super-resolution stage (0: no such stage)", lo=0)
+    sr_aug_max: int = flag(250, "the low-resolution input is noised to a level s < this in training (CDM §3.2)",
+                           lo=1)
+    # architecture and fixed training settings (presets only)
+    ch: int = 32
+    mult: tuple = (1, 2)
+    blocks: int = 1
+    spatial_ds: tuple = (1, 2)      # downsampling factors with spatial attention (and the middle block)
+    temporal_ds: tuple = (1, 2)     # downsampling factors with temporal attention (and the middle block)
+    heads: int = 4
+    max_dist: int = 16              # relative positions clip at +-this many frames: 16 tells all of T = 16 apart
+    sr_ch: int = 16
+    sr_mult: tuple = (1, 2)
+    sr_blocks: int = 1
+    sr_spatial_ds: tuple = (2,)
+    sr_temporal_ds: tuple = (1, 2)
+    dropout: float = 0.0
+    checkpointing: bool = False     # gradient checkpointing of the ResBlocks
+    schedule: str = "cosine"        # Ho et al. use the cosine schedule of Nichol & Dhariwal
+    timesteps: int = 1000
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+
+
+PRESETS = {
+    "tiny": Config(),
+    # the base model LVDM's Table 2 compares against: 16x64^2 pixels ("197k dims"), 399.0M parameters (its "397M");
+    # 4 levels x 2 ResBlocks, spatial attention at 16^2 and 8^2, temporal attention everywhere (ours: the widths
+    # of LVDM's and VQ-VDM's VDMs are not published). Step counts and batch sizes are ours.
+    "ucf64": Config(data="ucf101", frames=16, resolution=64, sr_resolution=0, steps=400_000, batch_size=2,
+                    lr=1e-4, sample_every=10_000, save_every=5_000, ch=150, mult=(1, 2, 4, 8), blocks=2,
+                    spatial_ds=(4, 8), temporal_ds=(1, 2, 4, 8), heads=6, max_dist=16, dropout=0.1,
+                    checkpointing=True, ema_decay=0.9999, grad_clip=1.0),
+}
+# the same base model, then the ~48M super-resolution stage 64^2 -> 256^2 (LVDM's "397+48M" VDM)
+PRESETS["ucf256"] = dataclasses.replace(PRESETS["ucf64"], sr_resolution=256, sr_steps=200_000, sr_batch_size=1,
+                                        sr_ch=64, sr_mult=(1, 2, 4, 8), sr_blocks=1, sr_spatial_ds=(8,),
+                                        sr_temporal_ds=(4, 8))
+PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky")
+
+STAGES = ("base", "sr")   # `train` runs them in this order
+BASE_ARCH = ("frames", "resolution", "ch", "mult", "blocks", "spatial_ds", "temporal_ds", "heads", "max_dist",
+             "schedule", "timesteps")
+ARCH = BASE_ARCH + ("sr_resolution", "sr_ch", "sr_mult", "sr_blocks", "sr_spatial_ds", "sr_temporal_ds")
+
+
+# --- The factorized space-time U-Net (Ho et al. §3, Fig. 1) ---
+
+# Copied from lvdm.py::conv133
+def conv133(cin, cout, stride=1):
+    """Space-only 1x3x3 conv: the U-Net mixes frames only in its temporal attention (Ho et al. §3)."""
+    return nn.Conv3d(cin, cout, (1, 3, 3), (1, stride, stride), (0, 1, 1))
+
+
+# Copied from lvdm.py::ResBlock
+class ResBlock(nn.Module):
+    """GN -> SiLU -> conv, then adaptive group norm: GN(h) (1 + scale) + shift with (scale, shift) a linear map of
+    the embedding (timestep, and for the SR model the conditioning noise level), -> SiLU -> zero-init conv.
+    GroupNorm pools over all frames (T x H x W)."""
+
+    def __init__(self, cin, cout, emb_dim, dropout, use_checkpoint=False):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), conv133(cin, cout)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2, self.drop, self.conv2 = norm(cout), nn.Dropout(dropout), zero(conv133(cout, cout))
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x, emb):
+        if self.use_checkpoint and self.training:
+            return checkpoint(self._forward, x, emb, use_reentrant=False)
+        return self._forward(x, emb)
+
+    def _forward(self, x, emb):                  # x (B, C, T, H, W), emb (B, E)
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[..., None, None, None].chunk(2, dim=1)
+        h = self.conv2(self.drop(F.silu(self.norm2(h) * (1 + scale) + shift)))
+        return self.skip(x) + h
+
+
+# Copied from lvdm.py::SpatialAttention
+class SpatialAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions of each frame, zero-initialised output."""
+
+    def __init__(self, ch, heads):
+        super().__init__()
+        self.heads, self.norm = heads, norm(ch)
+        self.qkv, self.out = nn.Conv3d(ch, 3 * ch, 1), zero(nn.Conv3d(ch, ch, 1))
+
+    def forward(self, x):                         # x (B, C, T, H, W)
+        B, C, T, H, W = x.shape
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) t y x -> three (b t) h (y x) d",
+                            three=3, h=self.heads)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return x + self.out(rearrange(o, "(b t) h (y x) d -> b (h d) t y x", t=T, y=H))
+
+
+# Copied from lvdm.py::relative_attention
+def relative_attention(q, k, v, rel_k, rel_v, max_dist):
+    """Self-attention over T with Shaw et al.'s relative positions: for a query i and key j at distance
+    r = clip(j - i, -max_dist, max_dist),
+        logit_ij = q_i . (k_j + a^K_r) / sqrt(d),     out_i = sum_j softmax_j(logit_ij) (v_j + a^V_r).
+    q, k, v (M, heads, T, d); rel_k, rel_v (2 max_dist + 1, d)."""
+    T, d = q.shape[-2], q.shape[-1]
+    pos = torch.arange(T, device=q.device)
+    index = (pos[None, :] - pos[:, None]).clamp(-max_dist, max_dist) + max_dist      # [i, j] -> j - i
+    a_k, a_v = rel_k[index].to(q.dtype), rel_v[index].to(q.dtype)                     # (T, T, d)
+    logits = (q @ k.transpose(-1, -2) + torch.einsum("mhid,ijd->mhij", q, a_k)) * d ** -0.5
+    p = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(v.dtype)
+    return p @ v + torch.einsum("mhij,ijd->mhid", p, a_v)
+
+
+# Copied from lvdm.py::TemporalAttention
+class TemporalAttention(nn.Module):
+    """Multi-head self-attention over the T frames at each position, with relative positions (learned tables
+    for keys and values, Xavier-initialised), zero-initialised output; no causal mask."""
+
+    def __init__(self, ch, heads, max_dist):
+        super().__init__()
+        self.heads, self.max_dist, self.norm = heads, max_dist, norm(ch)
+        self.qkv, self.out = nn.Conv3d(ch, 3 * ch, 1), zero(nn.Conv3d(ch, ch, 1))
+        self.rel_k, self.rel_v = (nn.Parameter(nn.init.xavier_uniform_(torch.empty(2 * max_dist + 1, ch // heads)))
+                                  for _ in range(2))
+
+    def forward(self, x):                         # x (B, C, T, H, W)
+        B, C, T, H, W = x.shape
+        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) t y x -> three (b y x) h t d",
+                            three=3, h=self.heads)
+        o = relative_attention(q, k, v, self.rel_k, self.rel_v, self.max_dist)
+        return x + self.out(rearrange(o, "(b y x) h t d -> b (h d) t y x", y=H, x=W))
+
+
+class Factorized(nn.Module):
+    """Spatial attention (where the level has it), then temporal attention: Ho et al.'s factorized space-time
+    attention block."""
+
+    def __init__(self, ch, heads, max_dist, spatial: bool, temporal: bool):
+        super().__init__()
+        self.spatial = SpatialAttention(ch, heads) if spatial else nn.Identity()
+        self.temporal = TemporalAttention(ch, heads, max_dist) if temporal else nn.Identity()
+
+    def forward(self, x, emb):
+        return self.temporal(self.spatial(x))
+
+
+# Copied from lvdm.py::Downsample
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = conv133(ch, ch, stride=2)
+
+    def forward(self, x, emb):
+        return self.conv(x)
+
+
+# Copied from lvdm.py::Upsample
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = conv133(ch, ch)
+
+    def forward(self, x, emb):
+        return self.conv(F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest"))
+
+
+# Copied from lvdm.py::Stage
+class Stage(nn.ModuleList):
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb)
+        return x
+
+
+@dataclass
+class UNetShape:
+    """What tells one U-Net of this file from another: the base model and the SR model are two of these."""
+    cin: int                        # 3 for the base model; 6 for SR (noisy clip + upsampled low-resolution clip)
+    ch: int
+    mult: tuple
+    blocks: int
+    spatial_ds: tuple
+    temporal_ds: tuple
+    heads: int
+    max_dist: int
+    dropout: float = 0.0
+    checkpointing: bool = False
+    aug_level: bool = False         # SR: embed the conditioning augmentation's noise level s
+
+
+def base_shape(cfg: Config) -> UNetShape:
+    return UNetShape(3, cfg.ch, cfg.mult, cfg.blocks, cfg.spatial_ds, cfg.temporal_ds, cfg.heads, cfg.max_dist,
+                     cfg.dropout, cfg.checkpointing)
+
+
+def sr_shape(cfg: Config) -> UNetShape:
+    return UNetShape(6, cfg.sr_ch, cfg.sr_mult, cfg.sr_blocks, cfg.sr_spatial_ds, cfg.sr_temporal_ds, cfg.heads,
+                     cfg.max_dist, cfg.dropout, cfg.checkpointing, aug_level=True)
+
+
+class UNet3D(nn.Module):
+    """eps_theta(x_t, t) on pixels (B, 3, T, H, W); the SR model is eps_theta([x_t, up(y_s)], t, s) with y_s the
+    low-resolution clip noised to level s (conditioning augmentation) and s embedded like t."""
+
+    def __init__(self, shape: UNetShape):
+        super().__init__()
+        self.ch, emb = shape.ch, 4 * shape.ch
+        self.time_mlp = nn.Sequential(nn.Linear(shape.ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if shape.aug_level:
+            self.aug_mlp = nn.Sequential(nn.Linear(shape.ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+
+        def block(cin, cout, ds):
+            layers = [ResBlock(cin, cout, emb, shape.dropout, shape.checkpointing)]
+            if ds in shape.spatial_ds or ds in shape.temporal_ds:
+                layers.append(Factorized(cout, shape.heads, shape.max_dist, ds in shape.spatial_ds,
+                                         ds in shape.temporal_ds))
+            return Stage(layers)
+
+        ch, mult = shape.ch, shape.mult
+        self.inp = conv133(shape.cin, ch)
+        self.down, skips, cur, ds = nn.ModuleList(), [ch], ch, 1
+        for level, m in enumerate(mult):
+            for _ in range(shape.blocks):
+                self.down.append(block(cur, ch * m, ds))
+                cur = ch * m
+                skips.append(cur)
+            if level < len(mult) - 1:
+                self.down.append(Stage([Downsample(cur)]))
+                skips.append(cur)
+                ds *= 2
+        self.mid = Stage([ResBlock(cur, cur, emb, shape.dropout, shape.checkpointing),
+                          Factorized(cur, shape.heads, shape.max_dist, True, True),
+                          ResBlock(cur, cur, emb, shape.dropout, shape.checkpointing)])
+        self.up = nn.ModuleList()
+        for level, m in reversed(list(enumerate(mult))):
+            for i in range(shape.blocks + 1):
+                self.up.append(block(cur + skips.pop(), ch * m, ds))
+                cur = ch * m
+                if level > 0 and i == shape.blocks:
+                    self.up[-1].append(Upsample(cur))
+                    ds //= 2
+        self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(conv133(cur, 3)))
+
+    def forward(self, x, t, s=None):
+        """x (B, 3 or 6, T, H, W); t (B,); s (B,) the SR input's noise level -> eps (B, 3, T, H, W)."""
+        emb = self.time_mlp(timestep_embedding(t, self.ch))
+        if s is not None:
+            emb = emb + self.aug_mlp(timestep_embedding(s, self.ch))
+        h = self.inp(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb)
+            hs.append(h)
+        h = self.mid(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)
+
+
+# --- The objective: eps-prediction (Ho et al. §2, Eq. 4 of DDPM) and the SR stage's conditioning ---
+
+def downsample(x, size: int):
+    """(B, C, T, H, W) -> (B, C, T, size, size), antialiased per frame: how the SR stage's input is made."""
+    B = x.shape[0]
+    y = F.interpolate(rearrange(x, "b c t h w -> (b t) c h w"), size=(size, size), mode="bilinear",
+                      antialias=True, align_corners=False)
+    return rearrange(y, "(b t) c h w -> b c t h w", b=B)
+
+
+def upsample(x, size: int):
+    """(B, C, T, h, w) -> (B, C, T, size, size), bilinear per frame: the SR model's view of the base output."""
+    B = x.shape[0]
+    y = F.interpolate(rearrange(x, "b c t h w -> (b t) c h w"), size=(size, size), mode="bilinear",
+                      align_corners=False)
+    return rearrange(y, "(b t) c h w -> b c t h w", b=B)
+
+
+def base_loss(net, sched: Schedule, x0):
+    """||eps - eps_theta(x_t, t)||^2 with x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    t = torch.randint(0, sched.T, (x0.shape[0],), device=x0.device)
+    eps = torch.randn_like(x0)
+    return F.mse_loss(net(sched.q_sample(x0, t, eps), t).float(), eps)
+
+
+def sr_condition(sched: Schedule, low, size: int, s):
+    """The SR model's second input: the low-resolution clip noised to level s (Gaussian conditioning
+    augmentation, CDM §3.2; at s = 0 the cosine schedule's alpha_bar is 1 - 4e-5), upsampled to `size`."""
+    return upsample(sched.q_sample(low, s, torch.randn_like(low)), size)
+
+
+def sr_loss(net, sched: Schedule, x0, resolution: int, aug_max: int):
+    """The same loss on the high-resolution clip x0, given its low-resolution version at a random level s."""
+    B = x0.shape[0]
+    s = torch.randint(0, aug_max, (B,), device=x0.device)
+    cond = sr_condition(sched, downsample(x0, resolution), x0.shape[-1], s)
+    t = torch.randint(0, sched.T, (B,), device=x0.device)
+    eps = torch.randn_like(x0)
+    return F.mse_loss(net(torch.cat([sched.q_sample(x0, t, eps), cond], dim=1), t, s).float(), eps)
