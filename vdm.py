@@ -61,14 +61,15 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
-    steps: int = flag(1200, "steps of the base model", lo=1)
-    sr_steps: int = flag(600, "steps of the super-resolution model (with --sr-resolution)", lo=1)
+    steps: int = flag(800, "steps of the base model", lo=1)
+    sr_steps: int = flag(400, "steps of the super-resolution model (with --sr-resolution)", lo=1)
     batch_size: int = flag(8, "clips per base step and process", lo=1)
     sr_batch_size: int = flag(4, "clips per super-resolution step and process", lo=1)
-    lr: float = flag(5e-4, "learning rate of both models (AdamW, constant)", lo=0, lo_open=True)
+    lr: float = flag(1e-3, "learning rate of both models (AdamW, constant)", lo=0, lo_open=True)
     seed: int = flag(0, "random seed", lo=0, hi=SEED_MAX)
     sample_every: int = flag(0, "write a sample GIF every N base steps (0: never)", lo=0)
     save_every: int = flag(200, "checkpoint every N steps (0: only at the end)", lo=0)
+    sample_steps: int = flag(50, "DDIM steps per stage of the samples written during and after training", lo=1)
     # the method
     frames: int = flag(16, "frames per clip", lo=1)
     resolution: int = flag(16, "frame height and width of the base model", lo=1)
@@ -76,18 +77,19 @@ class Config:
     sr_aug_max: int = flag(250, "the low-resolution input is noised to a level s < this in training (CDM §3.2)",
                            lo=1)
     # architecture and fixed training settings (presets only)
-    ch: int = 32
+    ch: int = 24
     mult: tuple = (1, 2)
     blocks: int = 1
-    spatial_ds: tuple = (1, 2)      # downsampling factors with spatial attention (and the middle block)
+    spatial_ds: tuple = (2,)        # downsampling factors with spatial attention (and the middle block)
     temporal_ds: tuple = (1, 2)     # downsampling factors with temporal attention (and the middle block)
     heads: int = 4
     max_dist: int = 16              # relative positions clip at +-this many frames: 16 tells all of T = 16 apart
-    sr_ch: int = 16
+    sr_ch: int = 12
     sr_mult: tuple = (1, 2)
     sr_blocks: int = 1
-    sr_spatial_ds: tuple = (2,)
-    sr_temporal_ds: tuple = (1, 2)
+    sr_spatial_ds: tuple = ()
+    sr_temporal_ds: tuple = (2,)
+    sr_heads: int = 4
     dropout: float = 0.0
     checkpointing: bool = False     # gradient checkpointing of the ResBlocks
     schedule: str = "cosine"        # Ho et al. use the cosine schedule of Nichol & Dhariwal
@@ -115,21 +117,21 @@ PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky")
 STAGES = ("base", "sr")   # `train` runs them in this order
 BASE_ARCH = ("frames", "resolution", "ch", "mult", "blocks", "spatial_ds", "temporal_ds", "heads", "max_dist",
              "schedule", "timesteps")
-ARCH = BASE_ARCH + ("sr_resolution", "sr_ch", "sr_mult", "sr_blocks", "sr_spatial_ds", "sr_temporal_ds")
+ARCH = BASE_ARCH + ("sr_resolution", "sr_ch", "sr_mult", "sr_blocks", "sr_spatial_ds", "sr_temporal_ds", "sr_heads")
 
 
 # --- The factorized space-time U-Net (Ho et al. §3, Fig. 1) ---
 
-# Copied from lvdm.py::conv133
 def conv133(cin, cout, stride=1):
-    """Space-only 1x3x3 conv: the U-Net mixes frames only in its temporal attention (Ho et al. §3)."""
+    """Space-only 1x3x3 conv: the U-Net mixes frames only in its temporal attention (Ho et al. §3; the same as
+    lvdm.py's, whose U-Net follows this one)."""
     return nn.Conv3d(cin, cout, (1, 3, 3), (1, stride, stride), (0, 1, 1))
 
 
 # Copied from lvdm.py::ResBlock
 class ResBlock(nn.Module):
     """GN -> SiLU -> conv, then adaptive group norm: GN(h) (1 + scale) + shift with (scale, shift) a linear map of
-    the embedding (timestep, and for the SR model the conditioning noise level), -> SiLU -> zero-init conv.
+    the embedding (timestep, and for pred/interp the condition level and stride), -> SiLU -> zero-init conv.
     GroupNorm pools over all frames (T x H x W)."""
 
     def __init__(self, cin, cout, emb_dim, dropout, use_checkpoint=False):
@@ -169,12 +171,14 @@ class SpatialAttention(nn.Module):
         return x + self.out(rearrange(o, "(b t) h (y x) d -> b (h d) t y x", t=T, y=H))
 
 
+# (the "official code" in its docstring is LVDM's; here, as there, the formula of Shaw et al. is what runs)
 # Copied from lvdm.py::relative_attention
 def relative_attention(q, k, v, rel_k, rel_v, max_dist):
     """Self-attention over T with Shaw et al.'s relative positions: for a query i and key j at distance
     r = clip(j - i, -max_dist, max_dist),
         logit_ij = q_i . (k_j + a^K_r) / sqrt(d),     out_i = sum_j softmax_j(logit_ij) (v_j + a^V_r).
-    q, k, v (M, heads, T, d); rel_k, rel_v (2 max_dist + 1, d)."""
+    q, k, v (M, heads, T, d); rel_k, rel_v (2 max_dist + 1, d). The official code adds the a^K term transposed
+    (einsum 'bct,tsc->bst' into a query x key matrix) and scales it by d^-1/4; here it is the formula above."""
     T, d = q.shape[-2], q.shape[-1]
     pos = torch.arange(T, device=q.device)
     index = (pos[None, :] - pos[:, None]).clamp(-max_dist, max_dist) + max_dist      # [i, j] -> j - i
@@ -186,7 +190,7 @@ def relative_attention(q, k, v, rel_k, rel_v, max_dist):
 
 # Copied from lvdm.py::TemporalAttention
 class TemporalAttention(nn.Module):
-    """Multi-head self-attention over the T frames at each position, with relative positions (learned tables
+    """Multi-head self-attention over the T latents at each position, with relative positions (learned tables
     for keys and values, Xavier-initialised), zero-initialised output; no causal mask."""
 
     def __init__(self, ch, heads, max_dist):
@@ -267,7 +271,7 @@ def base_shape(cfg: Config) -> UNetShape:
 
 
 def sr_shape(cfg: Config) -> UNetShape:
-    return UNetShape(6, cfg.sr_ch, cfg.sr_mult, cfg.sr_blocks, cfg.sr_spatial_ds, cfg.sr_temporal_ds, cfg.heads,
+    return UNetShape(6, cfg.sr_ch, cfg.sr_mult, cfg.sr_blocks, cfg.sr_spatial_ds, cfg.sr_temporal_ds, cfg.sr_heads,
                      cfg.max_dist, cfg.dropout, cfg.checkpointing, aug_level=True)
 
 
@@ -369,3 +373,209 @@ def sr_loss(net, sched: Schedule, x0, resolution: int, aug_max: int):
     t = torch.randint(0, sched.T, (B,), device=x0.device)
     eps = torch.randn_like(x0)
     return F.mse_loss(net(torch.cat([sched.q_sample(x0, t, eps), cond], dim=1), t, s).float(), eps)
+
+
+# --- Training ---
+
+def check_config(cfg: Config, stage: str):
+    """Mistakes the flags alone reveal, reported before any data is read."""
+    for name, size, mult in (("resolution", cfg.resolution, cfg.mult), ("sr_resolution", cfg.sr_resolution,
+                                                                        cfg.sr_mult)):
+        halvings = 2 ** (len(mult) - 1)
+        if size % halvings:
+            raise UserError(f"--{name.replace('_', '-')} {size} must be divisible by {halvings} (the U-Net's "
+                            f"{len(mult) - 1} halvings)")
+    if cfg.sr_resolution and cfg.sr_resolution <= cfg.resolution:
+        raise UserError(f"--sr-resolution {cfg.sr_resolution} must be above --resolution {cfg.resolution} (or 0: "
+                        f"no super-resolution stage)")
+    if cfg.sample_steps > cfg.timesteps:
+        raise UserError(f"--sample-steps must be at most the schedule's {cfg.timesteps} steps, got "
+                        f"{cfg.sample_steps}")
+    if stage == "sr" and not cfg.sr_resolution:
+        raise UserError("--stage sr needs a super-resolution stage: pass --sr-resolution (e.g. "
+                        f"{4 * cfg.resolution}) or use --preset ucf256")
+
+
+def output_resolution(cfg: Config) -> int:
+    return cfg.sr_resolution or cfg.resolution
+
+
+def report_sizes(cfg: Config, base: UNet3D, sr: Optional[UNet3D], print_fn=print):
+    cascade = (f", then SR U-Net {fmt_params(count_params(sr))} to {cfg.frames}x{cfg.sr_resolution}x"
+               f"{cfg.sr_resolution}" if sr is not None else "")
+    print_fn(f"vdm: base U-Net {fmt_params(count_params(base))} parameters on {cfg.frames}x{cfg.resolution}x"
+             f"{cfg.resolution} pixels{cascade}")
+
+
+def train(args):
+    cfg = config_from_args(Config, PRESETS, args)
+    check_config(cfg, args.stage)
+    stages = tuple(s for s in STAGES if s == "base" or cfg.sr_resolution) if args.stage == "all" else (args.stage,)
+    data = {"base": make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
+                                 seed=cfg.seed)}
+    if "sr" in stages:          # the same videos at the output size; the SR stage makes its own low resolution
+        data["sr"] = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.sr_resolution,
+                                  seed=cfg.seed)
+    match = {k: getattr(cfg, k) for k in ARCH}     # what the run's checkpoints must share with this config
+    run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
+                    precision=args.precision, compile=args.compile, must_match=match)
+    dev = run.device
+    base = UNet3D(base_shape(cfg)).to(dev)
+    sr = UNet3D(sr_shape(cfg)).to(dev) if cfg.sr_resolution else None
+    report_sizes(cfg, base, sr, run.print)
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    every_stage = dict(config=cfg, must_match=match, seed=cfg.seed, save_every=cfg.save_every,
+                       grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
+
+    def sample_gif(ema, step):
+        videos = generate(ema, None, sched, cfg, n=8, steps=cfg.sample_steps, device=dev, dtype=run.dtype)
+        write_gif(run.dir / "samples" / f"step_{step:07d}.gif", make_grid(videos))
+
+    # stage 1: the base model at --resolution
+    if "base" in stages:
+        train_stage(run, "base", base, torch.optim.AdamW(base.parameters(), lr=cfg.lr),
+                    lambda net, batch: base_loss(net, sched, batch["video"]), data["base"], steps=cfg.steps,
+                    batch_size=cfg.batch_size, sample_fn=sample_gif, sample_every=cfg.sample_every, **every_stage)
+    # stage 2: super-resolution to --sr-resolution, on its own clips (it never needs the base model to train)
+    if "sr" in stages:
+        train_stage(run, "sr", sr, torch.optim.AdamW(sr.parameters(), lr=cfg.lr),
+                    lambda net, batch: sr_loss(net, sched, batch["video"], cfg.resolution, cfg.sr_aug_max),
+                    data["sr"], steps=cfg.sr_steps, batch_size=cfg.sr_batch_size, follows=("base",), **every_stage)
+    if run.dist.is_main:
+        if not all(run.has(s) for s in STAGES[:1 + bool(cfg.sr_resolution)]):
+            run.print(f"no final samples: train every stage first (`python {SCRIPT}.py train --run {run.dir}`)")
+            return
+        cfg, base, sr, _ = load_models(run.dir, dev)
+        videos = generate(base, sr, sched, cfg, n=8, steps=cfg.sample_steps, device=dev, dtype=run.dtype,
+                          progress=True)
+        out = write_samples(run.dir / "samples" / "final", videos)
+        run.print(f"samples written to {out}/ (grid.gif, samples.npz, one mp4 per video)")
+
+
+# --- Sampling: the base model, then the super-resolution model ---
+
+@torch.no_grad()
+def denoise(net: UNet3D, sched: Schedule, x_T, *, cond=None, s=None, steps=50, sampler="ddim", eta=0.0,
+            noise_fn=None, dtype=None, progress=False):
+    """One stage's reverse process from x_T; cond (the SR model's upsampled input) and s are held fixed."""
+    device = x_T.device
+
+    def eps_fn(x, t):
+        with autocast(device, dtype):
+            inp = x if cond is None else torch.cat([x, cond], dim=1)
+            return net(inp, t, s).float()
+
+    # x0_hat clipped to [-1, 1], the pixel range, as DDPM does
+    if sampler == "ddpm":
+        return ddpm_sample(eps_fn, x_T, sched, steps, clip_x0=1.0, noise_fn=noise_fn, progress=progress)
+    return ddim_sample(eps_fn, x_T, sched, steps, eta=eta, clip_x0=1.0, noise_fn=noise_fn, progress=progress)
+
+
+@torch.no_grad()
+def generate(base: UNet3D, sr: Optional[UNet3D], sched: Schedule, cfg: Config, *, n, frames=None, steps=50,
+             sampler="ddim", eta=0.0, sr_noise=None, seed=0, device="cpu", dtype=None, progress=False,
+             return_float=False):
+    """n videos, uint8 (n, T, H, W, 3): the base model's clip at --resolution, then, with an SR model, that clip
+    upsampled and noised to level sr_noise (default: a fifth of sr_aug_max) as the SR model's condition."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def noise(shape):
+        return torch.randn(shape, generator=g, device=device)
+
+    T = frames or cfg.frames
+    x = denoise(base, sched, noise((n, 3, T, cfg.resolution, cfg.resolution)), steps=steps, sampler=sampler,
+                eta=eta, noise_fn=lambda x: noise(x.shape), dtype=dtype, progress=progress)
+    if sr is not None:
+        level = cfg.sr_aug_max // 5 if sr_noise is None else sr_noise
+        s = torch.full((n,), level, device=device, dtype=torch.long)
+        cond = upsample(sched.q_sample(x, s, noise(x.shape)), cfg.sr_resolution)
+        x = denoise(sr, sched, noise((n, 3, T, cfg.sr_resolution, cfg.sr_resolution)), cond=cond, s=s, steps=steps,
+                    sampler=sampler, eta=eta, noise_fn=lambda x: noise(x.shape), dtype=dtype, progress=progress)
+    return x if return_float else to_uint8(x.float())
+
+
+def load_models(run_dir, device, ckpt=None):
+    """The EMA base model and (in a cascade) the EMA SR model of a run, for sampling, and the base checkpoint's
+    path (--ckpt names the base model's file; the SR model is the sr.pt beside it)."""
+    path = find_checkpoint(SCRIPT, run_dir, ckpt, stage="base")
+    ckpt = load_checkpoint(path, SCRIPT, mmap=True, entries=("ema",))
+    if ckpt.get("stage") != "base":
+        raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint: pass the base model's, base.pt")
+    cfg = config_from_checkpoint(Config, ckpt, path)
+    base = load_state_checked(UNet3D(base_shape(cfg)), ckpt["ema"]["model"], path).to(device).eval()
+    sr = None
+    if cfg.sr_resolution:
+        sr_path = path.parent / "sr.pt"
+        if not sr_path.exists():
+            raise UserError(f"{path.parent} has no super-resolution model (sr.pt): run `python {SCRIPT}.py train "
+                            f"--run {path.parent} --stage sr` first")
+        arch = {k: getattr(cfg, k) for k in ARCH}
+        sr_state = load_checkpoint(sr_path, SCRIPT, arch, mmap=True, entries=("ema",))["ema"]["model"]
+        sr = load_state_checked(UNet3D(sr_shape(cfg)), sr_state, sr_path).to(device).eval()
+    return cfg, base, sr, path
+
+
+def check_unconditional(args):
+    if args.label is not None or args.guidance:
+        raise UserError("vdm.py's models are unconditional: --label and --guidance do not apply")
+
+
+def check_sr_noise(sr_noise, cfg: Config):
+    if sr_noise is not None and not cfg.sr_resolution:
+        raise UserError("--sr-noise applies to a cascade: this run has no super-resolution stage")
+    if sr_noise is not None and sr_noise >= cfg.timesteps:
+        raise UserError(f"--sr-noise must be below the schedule's {cfg.timesteps} steps, got {sr_noise}")
+
+
+def sample(args):
+    device = pick_device(args.device)
+    check_unconditional(args)
+    cfg, base, sr, path = load_models(args.run, device, args.ckpt)
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    check_steps(sched, ("--steps", args.steps))
+    check_sr_noise(args.sr_noise, cfg)
+    out = output_folder(args.out or path.parent / "samples" / "sample")
+    videos = generate(base, sr, sched, cfg, n=args.n, frames=args.frames, steps=args.steps, sampler=args.sampler,
+                      eta=args.eta, sr_noise=args.sr_noise, seed=args.seed, device=device,
+                      dtype=pick_precision(args.precision, device), progress=True)
+    write_samples(out, videos)
+    print(f"wrote {args.n} videos ({videos.shape[1]}x{videos.shape[2]}x{videos.shape[3]}) to {out}/ (grid.gif, "
+          f"samples.npz, video_*.mp4)")
+
+
+# --- Evaluation ---
+
+def evaluate(args):
+    """FVD and KVD (IS with --c3d) of the cascade's videos against the training data at the output size."""
+    device = pick_device(args.device)
+    cfg, base, sr, path = load_models(args.run, device, args.ckpt)
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    steps = args.steps or 50
+    check_steps(sched, ("--steps", steps))
+    dtype = pick_precision(args.precision, device)
+
+    def fake(n, frames, seed):
+        return generate(base, sr, sched, cfg, n=n, frames=frames, steps=steps, seed=seed, device=device, dtype=dtype)
+
+    evaluate_run(SCRIPT, dataclasses.replace(cfg, resolution=output_resolution(cfg)), path.parent, fake,
+                 frames=args.frames or cfg.frames, device=device, sampler={"sampler": "ddim", "steps": steps},
+                 **eval_settings(args, cfg))
+
+
+# --- Command line ---
+
+def cli(argv=None):
+    parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
+    s = sub["sample"]
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM, or ancestral DDPM "
+                   "(--steps below T respaces it), for each stage")
+    s.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="DDIM stochasticity")
+    s.add_argument("--sr-noise", type=number(int, lo=0), default=None,
+                   help="noise level of the SR model's low-resolution input (default: sr_aug_max / 5, CDM §3.2)")
+    args = parser.parse_args(argv)
+    {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
+
+
+if __name__ == "__main__":
+    main(cli)

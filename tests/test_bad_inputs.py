@@ -12,6 +12,7 @@ import torch
 
 import lvdm
 import pvdm
+import vdm
 import videofusion
 import vqvdm
 from common.checkpoint import save_checkpoint
@@ -19,8 +20,8 @@ from common.cli import main
 from eval import fvd, inception_score
 from tests.fixtures import run_script
 
-ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "vqvdm": vqvdm.cli, "fvd": fvd.run,
-           "inception_score": inception_score.run}
+ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "vqvdm": vqvdm.cli, "vdm": vdm.cli,
+           "fvd": fvd.run, "inception_score": inception_score.run}
 
 # the smallest runs each script trains (as in its own tests), and train flags that would finish in seconds if a bad
 # value were accepted
@@ -33,7 +34,9 @@ L_FLAGS = ["--frames", "12", "--resolution", "16", "--key-stride", "2", "--sampl
            "--pred-steps", "1", "--interp-steps", "1"]
 Q_FLAGS = ["--frames", "8", "--resolution", "16", "--sample-every", "0", "--save-every", "0", "--batch-size", "2",
            "--ae-batch-size", "2", "--disc-start", "1", "--ae-steps", "1", "--steps", "1"]
-TRAIN = {"pvdm": P_FLAGS, "videofusion": V_FLAGS, "lvdm": L_FLAGS, "vqvdm": Q_FLAGS}
+D_FLAGS = ["--frames", "8", "--resolution", "8", "--sr-resolution", "16", "--sample-every", "0", "--save-every", "0",
+           "--batch-size", "2", "--sr-batch-size", "2", "--steps", "1", "--sr-steps", "1", "--sample-steps", "1"]
+TRAIN = {"pvdm": P_FLAGS, "videofusion": V_FLAGS, "lvdm": L_FLAGS, "vqvdm": Q_FLAGS, "vdm": D_FLAGS}
 
 
 def as_user(entry, argv, capsys):
@@ -96,7 +99,8 @@ class World(dict):
     at once; a script's trained run ("pvdm", "videofusion", "lvdm") and the damaged copies of its sampling checkpoint
     ("pvdm-flipped", ...) are trained the first time a case names one, so the cases that need no run need no
     training."""
-    SAMPLED = {"pvdm": "diffusion", "videofusion": "diffusion", "lvdm": "short", "vqvdm": "diffusion"}   # sample reads
+    SAMPLED = {"pvdm": "diffusion", "videofusion": "diffusion", "lvdm": "short", "vqvdm": "diffusion",   # sample reads
+               "vdm": "base"}
 
     def __init__(self, root):
         super().__init__(scratch=root / "scratch", npz=root / "npz")
@@ -121,14 +125,14 @@ class World(dict):
         self[script] = run
         with pytest.MonkeyPatch.context() as mp:
             for module, generate in ((pvdm, "generate"), (videofusion, "generate"), (lvdm, "generate_short"),
-                                     (vqvdm, "generate")):
+                                     (vqvdm, "generate"), (vdm, "generate")):
                 mp.setattr(module, generate, one_step(getattr(module, generate)))
             # lvdm: the autoencoder and the short model, all that sampling short clips reads
             for stages in (["--stage", "ae"], ["--stage", "short"]) if script == "lvdm" else ([],):
                 ENTRIES[script](["train", "--run", str(run), *stages, *TRAIN[script]])
         # lvdm and vqvdm sample from a mapped file and read only the EMA weights, saved after the model and
         # optimizer: 7/8 in
-        at = 7 / 8 if script in ("lvdm", "vqvdm") else 0.5
+        at = 7 / 8 if script in ("lvdm", "vqvdm", "vdm") else 0.5
         for how, damage in {**DAMAGE, "flipped": lambda p: flip(p, at)}.items():
             copy = self.root / "damaged" / f"{script}-{how}"
             shutil.copytree(run, copy)               # sampling reads the autoencoder beside the checkpoint
@@ -285,6 +289,37 @@ CASES = [
     (("vqvdm", ["eval", "--run", "{vqvdm}", "--guidance", "nan"]), "--guidance must be"),
     (("vqvdm", ["eval", "--run", "{vqvdm}", "--frames", "6"]), "--frames must be a positive multiple"),
     (("vqvdm", ["eval", "--run", "{vqvdm}", "--batch-size", "0"]), "--batch-size must be"),
+    # vdm.py
+    (train("vdm", "--batch-size", "0"), "--batch-size must be"),
+    (train("vdm", "--sr-batch-size", "0"), "--sr-batch-size must be"),
+    (train("vdm", "--lr", "nan"), "--lr must be"),
+    (train("vdm", "--sr-steps", "0"), "--sr-steps must be an integer >= 1"),
+    (train("vdm", "--sr-aug-max", "0"), "--sr-aug-max must be an integer >= 1"),
+    (train("vdm", "--sr-resolution", "-1"), "--sr-resolution must be an integer >= 0"),
+    (train("vdm", "--resolution", "9"), "--resolution 9 must be divisible by 2"),
+    (train("vdm", "--sr-resolution", "8"), "--sr-resolution 8 must be above --resolution 8"),
+    (train("vdm", "--sr-resolution", "0", "--stage", "sr"), "--stage sr needs a super-resolution stage"),
+    (train("vdm", "--stage", "ae"), "invalid choice: 'ae'"),
+    (train("vdm", "--sample-steps", "1001"), "--sample-steps must be at most the schedule's 1000 steps"),
+    (train("vdm", "--seed", "-1"), "--seed must be"),
+    (("vdm", ["sample", "--run", "{vdm}", "--n", "0"]), "--n must be"),
+    (("vdm", ["sample", "--run", "{vdm}", "--steps", "1001"]), "--steps must be between 1 and the schedule's 1000"),
+    (("vdm", ["sample", "--run", "{vdm}", "--label", "1"]), "unconditional: --label and --guidance do not apply"),
+    (("vdm", ["sample", "--run", "{vdm}", "--guidance", "2"]), "unconditional: --label and --guidance do not apply"),
+    (("vdm", ["sample", "--run", "{vdm}", "--sr-noise", "1000"]), "--sr-noise must be below the schedule's 1000"),
+    (("vdm", ["sample", "--run", "{vdm}", "--sr-noise", "-1"]), "--sr-noise must be an integer >= 0"),
+    (("vdm", ["sample", "--run", "{vdm}", "--eta", "2"]), "--eta must be"),
+    (("vdm", ["sample", "--run", "{vdm}", "--out", "{scratch}/a-file"]), "it is a file, not a folder"),
+    (("vdm", ["sample", "--ckpt", "{vdm}/sr.pt"]), "is a sr checkpoint: pass the base model's, base.pt"),
+    (("vdm", ["sample", "--run", "{vdm-empty}"]), "not a readable checkpoint"),
+    (("vdm", ["sample", "--run", "{vdm-truncated}"]), "not a readable checkpoint"),
+    (("vdm", ["sample", "--run", "{vdm-flipped}"]), "is damaged"),
+    (("vdm", ["sample", "--run", "{vdm-future}"]), "setting future_setting=1"),
+    (("vdm", ["sample", "--run", "{vdm-missing}"]), "has no weight"),
+    (("vdm", ["sample", "--run", "{vdm-misshapen}"]), "has shape (1, 2, 3)"),
+    (("vdm", ["sample", "--ckpt", "{pvdm}/diffusion.pt"]), "written by pvdm.py, not vdm.py"),
+    (("vdm", ["eval", "--run", "{vdm}", "--steps", "0"]), "--steps must be"),
+    (("vdm", ["eval", "--run", "{vdm}", "--batch-size", "0"]), "--batch-size must be"),
     # python -m eval.fvd
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--n", "1"]), "--n must be an integer >= 2"),
     (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--frames", "4"]), "--frames must be an integer >= "
