@@ -5,22 +5,25 @@ The idea: run diffusion directly on the pixels of a clip with a 3D U-Net whose c
 (1x3x3) and whose attention is factorized: spatial attention over the H*W positions of each frame, then
 temporal attention over the T frames at each position, with relative positions so that nothing ties a frame to
 an absolute time. Higher resolutions come from a cascade: a second U-Net of the same kind denoises the 256^2
-video while it sees the base model's 64^2 output upsampled (Ho et al. §3; LVDM §4.2 builds its 256^2 VDM
-baseline this way, "397+48M").
+video while it sees the base model's 64^2 output upsampled (the cascade of CDM, Ho et al. 2022, with which LVDM
+§4.2 builds its 256^2 VDM baseline, "397+48M").
 
 Implemented here:
   the factorized space-time U-Net: ADM ResBlocks on 1x3x3 convolutions with the timestep in adaptive group norm,
-       spatial self-attention at the configured levels, temporal self-attention with Shaw et al.'s learned
-       relative positions at every level (no causal mask: every frame sees every frame), the same in the middle
+       spatial self-attention at the levels in `spatial_ds`, temporal self-attention with Shaw et al.'s learned
+       relative positions at the levels in `temporal_ds` (no causal mask: every frame sees every frame), both in
+       the middle; the base presets put temporal attention at every level (ours, as lucidrains' layout)
   the denoising objective: eps-prediction with the plain L2 loss on the cosine schedule, EMA weights
-  the super-resolution stage (Ho et al. §3, after Cascaded Diffusion Models, Ho et al. 2022): the noisy
-       high-resolution clip concatenated with the bilinearly upsampled low-resolution one (6 input channels),
-       Gaussian conditioning augmentation of the low-resolution input with its noise level embedded (CDM §3.2)
+  the super-resolution stage as LVDM §4.2 builds its baseline, after Cascaded Diffusion Models (CDM, Ho et al.
+       2022): the noisy high-resolution clip concatenated with the bilinearly upsampled low-resolution one (6 input
+       channels), Gaussian conditioning augmentation of the low-resolution input with its level s embedded
   sampling: DDIM or ancestral DDPM per stage, x0_hat clipped to the pixel range [-1, 1]
-Not implemented, on purpose: joint image-video training (Ho et al. §3.2: extra independent frames with the
-temporal attention masked) and reconstruction-guided sampling for longer videos (§3.1); the other papers'
-tables compare against fixed-length unconditional generation, which is what this script gives. Widths and
-depths are ours: the papers that measure against VDM do not publish theirs (see README, Efficiency).
+Not implemented, on purpose: joint image-video training (Ho et al. §3: extra independent frames with the
+temporal attention masked) and reconstruction-guided sampling (§3.1), which is also how Ho et al. themselves
+condition on a low-resolution video; the other papers' tables compare against fixed-length unconditional
+generation, which is what this script gives. Simplified: Ho et al. train in continuous time, conditioned on the
+log-SNR; here time is discrete (T = 1000) and the network sees the integer t. Widths and depths are ours: the
+papers that measure against VDM do not publish theirs (see README, Efficiency).
 
     python vdm.py train                                     # tiny demo on synthetic videos, CPU, < 10 minutes
     python vdm.py sample                                    # 8 videos: base model, then super-resolution
@@ -74,8 +77,8 @@ class Config:
     frames: int = flag(16, "frames per clip", lo=1)
     resolution: int = flag(16, "frame height and width of the base model", lo=1)
     sr_resolution: int = flag(32, "frame size of the super-resolution stage (0: no such stage)", lo=0)
-    sr_aug_max: int = flag(250, "the low-resolution input is noised to a level s < this in training (CDM §3.2)",
-                           lo=1)
+    sr_aug_max: int = flag(250, "the SR model's low-resolution input is noised to a random level s < this in "
+                           "training (CDM's conditioning augmentation)", lo=1)
     # architecture and fixed training settings (presets only)
     ch: int = 24
     mult: tuple = (1, 2)
@@ -117,7 +120,9 @@ PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky")
 STAGES = ("base", "sr")   # `train` runs them in this order
 BASE_ARCH = ("frames", "resolution", "ch", "mult", "blocks", "spatial_ds", "temporal_ds", "heads", "max_dist",
              "schedule", "timesteps")
-ARCH = BASE_ARCH + ("sr_resolution", "sr_ch", "sr_mult", "sr_blocks", "sr_spatial_ds", "sr_temporal_ds", "sr_heads")
+# sr_aug_max too: sampling reads it (from base.pt's config) to pick and check the SR input's level
+ARCH = BASE_ARCH + ("sr_resolution", "sr_ch", "sr_mult", "sr_blocks", "sr_spatial_ds", "sr_temporal_ds", "sr_heads",
+                    "sr_aug_max")
 
 
 # --- The factorized space-time U-Net (Ho et al. §3, Fig. 1) ---
@@ -359,17 +364,21 @@ def base_loss(net, sched: Schedule, x0):
     return F.mse_loss(net(sched.q_sample(x0, t, eps), t).float(), eps)
 
 
-def sr_condition(sched: Schedule, low, size: int, s):
-    """The SR model's second input: the low-resolution clip noised to level s (Gaussian conditioning
-    augmentation, CDM §3.2; at s = 0 the cosine schedule's alpha_bar is 1 - 4e-5), upsampled to `size`."""
-    return upsample(sched.q_sample(low, s, torch.randn_like(low)), size)
+def sr_condition(sched: Schedule, low, size: int, s, noise):
+    """The SR model's second input: the low-resolution clip (B, 3, T, h, w) noised to level s, s = 0 clean and
+    s >= 1 the forward process's step s - 1 (CDM's Gaussian conditioning augmentation), then upsampled to
+    `size`: s is a noise level of the low-resolution clip (the upsampling blurs its noise), in training and
+    sampling alike."""
+    noisy = sched.q_sample(low, (s - 1).clamp_min(0), noise)
+    return upsample(torch.where((s > 0).view(-1, 1, 1, 1, 1), noisy, low), size)
 
 
 def sr_loss(net, sched: Schedule, x0, resolution: int, aug_max: int):
     """The same loss on the high-resolution clip x0, given its low-resolution version at a random level s."""
     B = x0.shape[0]
     s = torch.randint(0, aug_max, (B,), device=x0.device)
-    cond = sr_condition(sched, downsample(x0, resolution), x0.shape[-1], s)
+    low = downsample(x0, resolution)
+    cond = sr_condition(sched, low, x0.shape[-1], s, torch.randn_like(low))
     t = torch.randint(0, sched.T, (B,), device=x0.device)
     eps = torch.randn_like(x0)
     return F.mse_loss(net(torch.cat([sched.q_sample(x0, t, eps), cond], dim=1), t, s).float(), eps)
@@ -388,6 +397,8 @@ def check_config(cfg: Config, stage: str):
     if cfg.sr_resolution and cfg.sr_resolution <= cfg.resolution:
         raise UserError(f"--sr-resolution {cfg.sr_resolution} must be above --resolution {cfg.resolution} (or 0: "
                         f"no super-resolution stage)")
+    if cfg.sr_aug_max > cfg.timesteps:
+        raise UserError(f"--sr-aug-max must be at most the schedule's {cfg.timesteps} steps, got {cfg.sr_aug_max}")
     if cfg.sample_steps > cfg.timesteps:
         raise UserError(f"--sample-steps must be at most the schedule's {cfg.timesteps} steps, got "
                         f"{cfg.sample_steps}")
@@ -411,8 +422,10 @@ def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg, args.stage)
     stages = tuple(s for s in STAGES if s == "base" or cfg.sr_resolution) if args.stage == "all" else (args.stage,)
-    data = {"base": make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
-                                 seed=cfg.seed)}
+    data = {}
+    if "base" in stages:
+        data["base"] = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
+                                    seed=cfg.seed)
     if "sr" in stages:          # the same videos at the output size; the SR stage makes its own low resolution
         data["sr"] = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.sr_resolution,
                                   seed=cfg.seed)
@@ -456,7 +469,7 @@ def train(args):
 
 @torch.no_grad()
 def denoise(net: UNet3D, sched: Schedule, x_T, *, cond=None, s=None, steps=50, sampler="ddim", eta=0.0,
-            noise_fn=None, dtype=None, progress=False):
+            noise_fn=torch.randn_like, dtype=None, progress=False):
     """One stage's reverse process from x_T; cond (the SR model's upsampled input) and s are held fixed."""
     device = x_T.device
 
@@ -476,7 +489,7 @@ def generate(base: UNet3D, sr: Optional[UNet3D], sched: Schedule, cfg: Config, *
              sampler="ddim", eta=0.0, sr_noise=None, seed=0, device="cpu", dtype=None, progress=False,
              return_float=False):
     """n videos, uint8 (n, T, H, W, 3): the base model's clip at --resolution, then, with an SR model, that clip
-    upsampled and noised to level sr_noise (default: a fifth of sr_aug_max) as the SR model's condition."""
+    noised to level sr_noise (default: a fifth of sr_aug_max, ours) and upsampled as the SR model's condition."""
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -487,9 +500,8 @@ def generate(base: UNet3D, sr: Optional[UNet3D], sched: Schedule, cfg: Config, *
     x = denoise(base, sched, noise((n, 3, T, cfg.resolution, cfg.resolution)), steps=steps, sampler=sampler,
                 eta=eta, noise_fn=lambda x: noise(x.shape), dtype=dtype, progress=progress)
     if sr is not None:
-        level = cfg.sr_aug_max // 5 if sr_noise is None else sr_noise
-        s = torch.full((n,), level, device=device, dtype=torch.long)
-        cond = upsample(sched.q_sample(x, s, noise(x.shape)), cfg.sr_resolution)
+        s = torch.full((n,), sr_level(sr_noise, cfg), device=device, dtype=torch.long)
+        cond = sr_condition(sched, x, cfg.sr_resolution, s, noise(x.shape))
         x = denoise(sr, sched, noise((n, 3, T, cfg.sr_resolution, cfg.sr_resolution)), cond=cond, s=s, steps=steps,
                     sampler=sampler, eta=eta, noise_fn=lambda x: noise(x.shape), dtype=dtype, progress=progress)
     return x if return_float else to_uint8(x.float())
@@ -521,11 +533,17 @@ def check_unconditional(args):
         raise UserError("vdm.py's models are unconditional: --label and --guidance do not apply")
 
 
+def sr_level(sr_noise, cfg: Config) -> int:
+    """The SR input's noise level at sampling time: --sr-noise, or a fifth of the training range (ours)."""
+    return cfg.sr_aug_max // 5 if sr_noise is None else sr_noise
+
+
 def check_sr_noise(sr_noise, cfg: Config):
     if sr_noise is not None and not cfg.sr_resolution:
         raise UserError("--sr-noise applies to a cascade: this run has no super-resolution stage")
-    if sr_noise is not None and sr_noise >= cfg.timesteps:
-        raise UserError(f"--sr-noise must be below the schedule's {cfg.timesteps} steps, got {sr_noise}")
+    if sr_noise is not None and sr_noise >= cfg.sr_aug_max:
+        raise UserError(f"--sr-noise must be below the run's --sr-aug-max {cfg.sr_aug_max}, the levels its SR model "
+                        f"was trained on, got {sr_noise}")
 
 
 def sample(args):
@@ -553,26 +571,30 @@ def evaluate(args):
     sched = Schedule.make(cfg.schedule, cfg.timesteps)
     steps = args.steps or 50
     check_steps(sched, ("--steps", steps))
+    check_sr_noise(args.sr_noise, cfg)
     dtype = pick_precision(args.precision, device)
 
     def fake(n, frames, seed):
-        return generate(base, sr, sched, cfg, n=n, frames=frames, steps=steps, seed=seed, device=device, dtype=dtype)
+        return generate(base, sr, sched, cfg, n=n, frames=frames, steps=steps, sampler=args.sampler, eta=args.eta,
+                        sr_noise=args.sr_noise, seed=seed, device=device, dtype=dtype)
 
+    how = {"sampler": args.sampler, "steps": steps, "eta": args.eta,
+           **({"sr_noise": sr_level(args.sr_noise, cfg)} if sr is not None else {})}
     evaluate_run(SCRIPT, dataclasses.replace(cfg, resolution=output_resolution(cfg)), path.parent, fake,
-                 frames=args.frames or cfg.frames, device=device, sampler={"sampler": "ddim", "steps": steps},
-                 **eval_settings(args, cfg))
+                 frames=args.frames or cfg.frames, device=device, sampler=how, **eval_settings(args, cfg))
 
 
 # --- Command line ---
 
 def cli(argv=None):
     parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
-    s = sub["sample"]
-    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM, or ancestral DDPM "
-                   "(--steps below T respaces it), for each stage")
-    s.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="DDIM stochasticity")
-    s.add_argument("--sr-noise", type=number(int, lo=0), default=None,
-                   help="noise level of the SR model's low-resolution input (default: sr_aug_max / 5, CDM §3.2)")
+    for p in (sub["sample"], sub["eval"]):
+        p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="DDIM, or ancestral DDPM "
+                       "(--steps below T respaces it), for each stage")
+        p.add_argument("--eta", type=number(float, 0, 1), default=0.0, help="DDIM stochasticity")
+        p.add_argument("--sr-noise", type=number(int, lo=0), default=None,
+                       help="noise level s of the SR model's low-resolution input, 0 = clean (default: the run's "
+                            "sr_aug_max / 5, ours)")
     args = parser.parse_args(argv)
     {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
 
