@@ -113,7 +113,7 @@ def _close_distributed():
 class RunLog:
     """log.jsonl: one JSON object per logged step (stage, step, loss, lr, data_wait, seconds). Rank 0 only.
     A line may be written before its step's checkpoint, so a resumed stage first forgets the lines past the step
-    it resumes from: after any kill, each step appears once."""
+    it resumes from, and a stage that starts afresh all of its lines: after any kill, each step appears once."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path, self.enabled, self.start = Path(run_dir) / "log.jsonl", enabled, time.time()

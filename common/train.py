@@ -130,6 +130,7 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         if before:
             previous = load_checkpoint(run.checkpoint(before[-1]), run.script, map_location="cpu")
             _restore_rng(run, previous["rng"], seed, previous["step"])
+        run.log.forget_after(stage, 0)     # lines of a run killed before this stage's first checkpoint
 
     def save():
         if run.dist.is_main:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import checkpoint, files
+from common import checkpoint, files, train
 from common.checkpoint import config_from_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.errors import UserError
 from common.run import EMA, pick_precision
@@ -191,6 +191,24 @@ def test_a_resumed_stage_logs_each_step_once_and_stale_temporary_files_go(tmp_pa
     toy_script.cli(["train", "--run", str(tmp_path), "--steps", "5"])
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
     assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_a_stage_killed_in_its_first_save_starts_afresh_and_logs_each_step_once(tmp_path, monkeypatch):
+    """The toy logs every step and saves every 2: killed while saving step 2, its log holds steps 1 and 2 and no
+    checkpoint does. The stage starts again from nothing and must neither log those steps twice nor draw other
+    numbers than a run never killed."""
+    toy_script.cli(["train", "--run", str(tmp_path / "straight"), "--steps", "4"])
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "4"])
+    monkeypatch.undo()
+    assert [s for s, _ in losses(tmp_path / "killed")] == [1, 2] and not (tmp_path / "killed" / "diffusion.pt").exists()
+    toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "4"])
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
 
 
 @pytest.mark.parametrize("argv,expected", [
