@@ -78,6 +78,16 @@ def check_run_dir(run_dir: Path, must_match: dict):
                             f"use the same preset/flags, or a new --run directory")
 
 
+def continue_rng(run: Run, stages: Sequence[str], seed: int):
+    """Continue the RNG stream saved by the last of `stages` that has a checkpoint (none has: change nothing). A
+    stage that starts afresh does, and a script does before it builds a stage's new modules, so that a stage run in
+    a command of its own, or again after a kill, draws what one uninterrupted `train` draws."""
+    before = [name for name in stages if run.has(name)]
+    if before:
+        previous = load_checkpoint(run.checkpoint(before[-1]), run.script, mmap=True, entries=("rng",))
+        _restore_rng(run, previous["rng"], seed, previous["step"])
+
+
 def _restore_rng(run: Run, state: dict, seed: int, step: int):
     """Rank 0 continues the RNG stream saved in a checkpoint; other ranks draw their own noise, from a seed made of
     (seed, rank, step)."""
@@ -101,10 +111,11 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
 
     loss_fn(net, batch) returns the loss, or a dict with "loss" and other scalars to log; `net` is the model as
     wrapped for training (DDP, compile), batch a dict of tensors on the device. Returns the EMA model when
-    ema_decay is set, else the model. A stage whose checkpoint has reached `steps` is skipped.
+    ema_decay is set, else the model. A stage whose checkpoint has reached `steps` is skipped, its RNG state restored.
     Each optimizer step accumulates the gradients of `accumulate` batches. grad_clip clips the norm of
     clip_params(model) (default: all parameters). A stage that starts afresh continues the RNG stream saved by the
-    last finished stage of `follows`, so stages run one command at a time draw what one `train` would have drawn.
+    last stage of `follows` that has a checkpoint (continue_rng), so stages run one command at a time draw what one
+    `train` would have drawn.
     Under DDP, gradients are synchronised only for what loss_fn computes through `net`; a model whose steps
     leave some parameters without a gradient (a GAN's alternating updates) needs find_unused_parameters.
     """
@@ -122,14 +133,12 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
         step, samples, resume_rng = ckpt["step"], ckpt["samples"], ckpt["rng"]
         if step >= steps:
             run.print(f"{stage}: finished at step {step} ({ckpt_path}); skipping")
+            _restore_rng(run, resume_rng, seed, step)   # what follows draws what it drew after this stage trained
             return (ema.model if ema else model).eval()
         run.print(f"{stage}: resuming from step {step} ({ckpt_path})")
         run.log.forget_after(stage, step)
     else:
-        before = [name for name in follows if run.has(name)]
-        if before:
-            previous = load_checkpoint(run.checkpoint(before[-1]), run.script, map_location="cpu")
-            _restore_rng(run, previous["rng"], seed, previous["step"])
+        continue_rng(run, follows, seed)
         run.log.forget_after(stage, 0)     # lines of a run killed before this stage's first checkpoint
 
     def save():

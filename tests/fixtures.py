@@ -3,6 +3,7 @@
 Frame k of every video is a flat grey of level LEVEL*k (plus a coloured marker), so a loaded clip tells which
 frames it came from even after lossy compression.
 """
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,10 @@ from pathlib import Path
 import av
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import torch
+
+from common import train
 
 LEVEL = 6
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,16 +64,42 @@ def assert_ranks_in_step(out, tmp_path, stages):
         assert (Path(tmp_path) / f"{stage}.0").read_text() == (Path(tmp_path) / f"{stage}.1").read_text(), stage
 
 
-def stagewise_equals_one_train(cli, stages, args, tmp_path):
-    """Train once with `train`, and once a stage per command; every stage's weights must come out identical (each
-    stage continues the RNG stream of the one before it)."""
+def resumed_runs_equal_one_train(cli, stages, args, tmp_path, kill_in):
+    """Train once with `train`; once a stage per command; and once killed while saving `kill_in`'s first
+    checkpoint (the stages before it finished), then with `train` again. The three runs must log the same losses,
+    each (stage, step) once, and end every stage with identical weights: a stage continues the RNG stream of the
+    one before it, whichever command ran that one."""
     cli(["train", "--run", str(tmp_path / "one"), *args])
     for stage in stages:
         cli(["train", "--run", str(tmp_path / "staged"), "--stage", stage, *args])
+    save = train.save_checkpoint
+
+    def killed_in(path, state):
+        if Path(path).stem == kill_in:
+            raise KeyboardInterrupt
+        save(path, state)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "save_checkpoint", killed_in)
+        with pytest.raises(KeyboardInterrupt):
+            cli(["train", "--run", str(tmp_path / "killed"), *args])
+    assert not (tmp_path / "killed" / f"{kill_in}.pt").exists() and (tmp_path / "killed" / f"{stages[0]}.pt").exists()
+    cli(["train", "--run", str(tmp_path / "killed"), *args])
+
+    def logged(run):        # what a step computed, without its timings
+        lines = map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
+        return [{k: v for k, v in line.items() if k not in ("seconds", "data_wait")} for line in lines]
+
+    one = logged("one")
+    assert len({(line["stage"], line["step"]) for line in one}) == len(one) and {line["stage"] for line in one} == \
+        set(stages)
+    assert logged("staged") == one and logged("killed") == one
     for stage in stages:
-        one = torch.load(tmp_path / "one" / f"{stage}.pt", weights_only=True)["model"]
-        staged = torch.load(tmp_path / "staged" / f"{stage}.pt", weights_only=True)["model"]
-        assert all(torch.equal(one[k], staged[k]) for k in one), stage
+        weights = [torch.load(tmp_path / run / f"{stage}.pt", weights_only=True) for run in ("one", "staged", "killed")]
+        for entry in ("model", "ema"):
+            if entry in weights[0]:
+                flat = [w[entry] if entry == "model" else w[entry]["model"] for w in weights]
+                assert all(torch.equal(flat[0][k], other[k]) for other in flat[1:] for k in flat[0]), (stage, entry)
 
 
 def frames(n, h=48, w=64):

@@ -193,6 +193,26 @@ def test_a_resumed_stage_logs_each_step_once_and_stale_temporary_files_go(tmp_pa
     assert not list(tmp_path.glob(".*.tmp*"))
 
 
+def test_a_skipped_stage_leaves_the_rng_where_its_training_left_it(tmp_path):
+    """What a script does after a stage (build the next stage's modules) draws the same numbers whether that stage
+    trained in this command or was skipped as finished in a later one."""
+    from common.data import SyntheticVideos
+    from common.run import Dist, RunLog
+
+    run = train.Run("toy", tmp_path, torch.device("cpu"), None, Dist(), False, RunLog(tmp_path))
+
+    def stage_then_draw():
+        model = torch.nn.Linear(1, 1)
+        train.train_stage(run, "a", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          lambda net, batch: net.weight.sum(), SyntheticVideos(2, 4, length=8), steps=2, batch_size=2,
+                          config=toy_script.Config(), must_match={})
+        return torch.rand(4)
+
+    trained = stage_then_draw()
+    torch.manual_seed(123)                  # a new command: the RNG is wherever its start left it
+    assert torch.equal(stage_then_draw(), trained)
+
+
 def test_a_stage_killed_in_its_first_save_starts_afresh_and_logs_each_step_once(tmp_path, monkeypatch):
     """The toy logs every step and saves every 2: killed while saving step 2, its log holds steps 1 and 2 and no
     checkpoint does. The stage starts again from nothing and must neither log those steps twice nor draw other
