@@ -21,10 +21,11 @@ LEVEL = 6
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(*args, env=None):
-    """`python *args` from the repository root; the finished process, its output captured as text."""
+def run_script(*args, env=None, preexec_fn=None):
+    """`python *args` from the repository root; the finished process, its output captured as text. preexec_fn
+    runs in the child before Python starts (to set a resource limit)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
 
 
 def torchrun(script, *args):
