@@ -131,7 +131,10 @@ class RunLog:
         """Drop the lines of `stage` past `step` (written by a run killed before its next checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
+        try:
+            lines = self.path.read_text().splitlines(keepends=True)
+        except OSError as e:
+            raise cannot_write(self.path, e) from None     # it is read to be rewritten
         kept = [line for line in lines if not _past(line, stage, step)]
         if len(kept) < len(lines):
             atomic_write(self.path, lambda p: p.write_text("".join(kept)))

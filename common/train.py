@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from common.checkpoint import load_checkpoint, load_state_checked, rng_state, save_checkpoint, set_rng_state
 from common.data import make_loader
 from common.errors import UserError
-from common.files import atomic_write, remove_stale_temporaries
+from common.files import atomic_write, output_folder
 from common.run import EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything
 
 
@@ -35,12 +35,15 @@ class Run:
     def start(cls, script: str, config, *, preset: str, run_dir=None, device: str = "auto",
               precision: str = "auto", compile: bool = False, must_match: dict = None) -> "Run":
         """Set up devices and DDP, seed, create the run directory (default runs/<script>-<data>-<preset>) and write
-        config.json (rank 0). A run directory that already holds checkpoints of another architecture (must_match)
-        is refused before anything in it is rewritten; temporary files of killed writes are removed."""
+        config.json (rank 0). A run directory that cannot be written, or that already holds checkpoints of another
+        architecture (must_match), is refused before anything in it is rewritten; temporary files of killed writes
+        are removed."""
         world, dev = init_distributed(device)
         run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
-            remove_stale_temporaries(run_dir)      # a killed save's leftovers, before the folder is checked
+            # made and tried with a write (a read-only disk fails here, not after training), killed writes'
+            # temporary files gone from it and from samples/
+            output_folder(run_dir, nested=True)
             check_run_dir(run_dir, must_match or {})
             text = json.dumps({"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)
             saved = run_dir / "config.json"

@@ -5,8 +5,10 @@ frames it came from even after lossy compression.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import av
@@ -26,6 +28,30 @@ def run_script(*args, env=None, preexec_fn=None):
     runs in the child before Python starts (to set a resource limit)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+
+
+def permissions_apply() -> bool:
+    """Whether this process is refused a folder without write permission: root (with CAP_DAC_OVERRIDE) is not, so
+    the tests that take a permission away skip under it."""
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def read_only(*folders):
+    """Every folder and file under `folders` without write permission, as on a read-only disk; returns the function
+    that gives it back (call it in a `finally`, or pytest cannot delete them)."""
+    paths = [p for f in folders for p in [Path(f), *Path(f).rglob("*")]]
+    for p in paths:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    return lambda: [p.chmod(0o755 if p.is_dir() else 0o644) for p in paths]
 
 
 def torchrun(script, *args):

@@ -3,7 +3,10 @@ traceback, and no file that existed before changed. Each case runs as a user run
 common.cli.main, as `python X.py` does (a subprocess costs seconds of imports on this machine), and a few through
 the real entry point. Malformed data layouts (classInd and the like) are tests/test_data.py's.
 """
+import errno
+import os
 import shutil
+import sys
 import traceback
 
 import numpy as np
@@ -14,10 +17,11 @@ import lvdm
 import pvdm
 import videofusion
 import vqvdm
+from common import evaluate
 from common.checkpoint import save_checkpoint
 from common.cli import main
 from eval import fvd, inception_score
-from tests.fixtures import run_script
+from tests.fixtures import permissions_apply, read_only, run_script
 
 ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "vqvdm": vqvdm.cli, "fvd": fvd.run,
            "inception_score": inception_score.run}
@@ -340,6 +344,61 @@ def test_a_malformed_input_is_one_sentence_and_changes_nothing(world, case, expe
     assert status == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert snapshot(world.root) == before
+
+
+# --- folders and disks that refuse writes ---
+
+# eval --frames: enough for I3D (9) where the script samples that many; videofusion samples its training clip's 4
+FRAMES = {"pvdm": "16", "videofusion": "4", "lvdm": "12", "vqvdm": "16"}
+FIRST = {"pvdm": "ae", "videofusion": "diffusion", "lvdm": "ae", "vqvdm": "ae"}   # the first checkpoint TRAIN saves
+
+
+@pytest.mark.skipif(not permissions_apply(), reason="root writes where permissions forbid it")
+@pytest.mark.parametrize("script", TRAIN)
+def test_a_read_only_folder_is_one_sentence_before_any_work_and_changes_nothing(world, script, tmp_path, capsys,
+                                                                               monkeypatch):
+    """As on a read-only disk: `train` again into a finished run, `train` into a new run under a read-only folder,
+    `sample --out` into one, and `eval` beside the run (eval.json). Each names the folder or file and the cause
+    before training, sampling or loading I3D begins."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(world[script], run)
+    out.mkdir()
+    module = sys.modules[script]
+    for name in ("train_stage", "generate"):
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: pytest.fail(f"{name} began"))
+    monkeypatch.setattr(evaluate, "load_i3d", lambda *a, **k: pytest.fail("I3D began"))
+    cases = [(["train", "--run", str(run), *TRAIN[script]], run),
+             (["train", "--run", str(out / "new"), *TRAIN[script]], out / "new"),
+             (["sample", "--run", str(run), "--n", "1", "--steps", "1", "--out", str(out)], out),
+             (["eval", "--run", str(run), "--n", "2", "--steps", "1", "--frames", FRAMES[script]], run / "eval.json")]
+    give_back = read_only(run, out)
+    try:
+        before = snapshot(tmp_path)
+        for argv, path in cases:
+            status, err = as_user(ENTRIES[script], argv, capsys)
+            assert (status, err.strip().splitlines()) == (2, [f"error: cannot write {path}: Permission denied"]), err
+        assert snapshot(tmp_path) == before
+    finally:
+        give_back()
+
+
+@pytest.mark.parametrize("script", TRAIN)
+def test_a_full_disk_while_saving_is_one_sentence_and_leaves_no_temporary_file(script, tmp_path, capsys,
+                                                                              monkeypatch):
+    """The first checkpoint's bytes go out, then the disk is full: `error: cannot write <run>/<stage>.pt: No space
+    left on device`, and the half-written temporary file does not stay to keep the disk full."""
+    save = torch.save
+
+    def full(obj, f):
+        save(obj, f)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    run = tmp_path / "run"
+    status, err = as_user(ENTRIES[script], ["train", "--run", str(run), *TRAIN[script]], capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"error: cannot write {run / FIRST[script]}.pt: No space left on device"
+    assert not list(run.rglob(".*.tmp*")) and not (run / f"{FIRST[script]}.pt").exists()
 
 
 @pytest.mark.parametrize("argv", [

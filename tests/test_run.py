@@ -12,7 +12,7 @@ from common.checkpoint import config_from_checkpoint, load_checkpoint, rng_state
 from common.errors import UserError
 from common.run import EMA, pick_precision
 from tests import toy_script
-from tests.fixtures import run_script, torchrun
+from tests.fixtures import make_ucf101, permissions_apply, read_only, run_script, torchrun
 
 
 def losses(run_dir):
@@ -244,6 +244,44 @@ def test_a_stage_killed_in_its_first_save_starts_afresh_and_logs_each_step_once(
     assert [s for s, _ in losses(tmp_path / "killed")] == [1, 2] and not (tmp_path / "killed" / "diffusion.pt").exists()
     toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "4"])
     assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_killed_writes_temporary_files_go_from_the_run_folder_and_its_samples_at_start(tmp_path):
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2"])
+    (tmp_path / "samples" / "final").mkdir(parents=True)
+    stale = [tmp_path / ".diffusion.tmp999.pt", tmp_path / "samples" / ".step_0000002.tmp999.gif",
+             tmp_path / "samples" / "final" / ".samples.tmp999.npz"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2"])
+    assert not any(path.exists() for path in stale)
+
+
+@pytest.mark.skipif(not permissions_apply(), reason="root writes where permissions forbid it")
+def test_a_read_only_run_folder_is_one_sentence_before_any_training(tmp_path, monkeypatch):
+    """As on a read-only disk: the finished run's folder, and a new run's parent, refuse writes. Both are found when
+    the run starts, with the cause, and nothing in them changes."""
+    toy_script.cli(["train", "--run", str(tmp_path / "run"), "--steps", "2"])
+    (tmp_path / "parent").mkdir()
+    give_back = read_only(tmp_path / "run", tmp_path / "parent")
+    try:
+        monkeypatch.setattr(toy_script, "train_stage", lambda *a, **k: pytest.fail("training began"))
+        for run in (tmp_path / "run", tmp_path / "parent" / "new"):
+            with pytest.raises(UserError, match=f"^cannot write {run}: Permission denied$"):
+                toy_script.cli(["train", "--run", str(run), "--steps", "3"])
+    finally:
+        give_back()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "diffusion.pt", "log.jsonl", "parent", "run"]
+
+
+def test_an_unusable_cache_folder_costs_only_the_cache(tmp_path, monkeypatch):
+    """The video-probe cache under a regular file cannot be made (even by root): the run trains on, uncached."""
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    monkeypatch.setenv("VIDIFF_CACHE", str(tmp_path / "blocker" / "cache"))
+    root = make_ucf101(tmp_path / "ucf")
+    toy_script.cli(["train", "--data", "ucf101", "--data-root", str(root), "--run", str(tmp_path / "run"),
+                    "--steps", "1"])
+    assert (tmp_path / "run" / "diffusion.pt").exists()
 
 
 @pytest.mark.parametrize("argv,expected", [
