@@ -30,14 +30,15 @@ class Run:
     dist: Dist
     compile: bool
     log: RunLog
+    config_text: Optional[str] = None   # config.json as this command would write it (write_config)
 
     @classmethod
     def start(cls, script: str, config, *, preset: str, run_dir=None, device: str = "auto",
               precision: str = "auto", compile: bool = False, must_match: dict = None) -> "Run":
-        """Set up devices and DDP, seed, create the run directory (default runs/<script>-<data>-<preset>) and write
-        config.json (rank 0). A run directory that cannot be written, or that already holds checkpoints of another
-        architecture (must_match), is refused before anything in it is rewritten; temporary files of killed writes
-        are removed."""
+        """Set up devices and DDP, seed and create the run directory (default runs/<script>-<data>-<preset>), rank 0.
+        A run directory that cannot be written, or that already holds checkpoints of another architecture
+        (must_match), is refused before anything in it is rewritten; temporary files of killed writes are removed.
+        config.json is written with the first checkpoint (write_config)."""
         world, dev = init_distributed(device)
         run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
@@ -45,12 +46,18 @@ class Run:
             # temporary files gone from it and from samples/
             output_folder(run_dir, nested=True)
             check_run_dir(run_dir, must_match or {})
-            text = json.dumps({"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)
-            saved = run_dir / "config.json"
-            if not saved.exists() or saved.read_text() != text:   # a finished run re-runs on a read-only disk
-                atomic_write(saved, lambda p: p.write_text(text))
         seed_everything(config.seed + world.rank)
-        return cls(script, run_dir, dev, pick_precision(precision, dev), world, compile, RunLog(run_dir, world.is_main))
+        text = json.dumps({"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)
+        return cls(script, run_dir, dev, pick_precision(precision, dev), world, compile, RunLog(run_dir, world.is_main),
+                   text)
+
+    def write_config(self):
+        """config.json, written with each checkpoint (unchanged: not rewritten). By the first one, every checkpoint
+        the command resumes or builds on has been loaded and checked against this config, so a command refused on
+        the way (another --joint, a damaged checkpoint) leaves the run's config.json as it was."""
+        saved = self.dir / "config.json"
+        if self.config_text and (not saved.exists() or saved.read_text() != self.config_text):
+            atomic_write(saved, lambda p: p.write_text(self.config_text))
 
     def checkpoint(self, stage: str) -> Path:
         """Where a stage's checkpoint lives: <run>/<stage>.pt."""
@@ -146,6 +153,7 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
 
     def save():
         if run.dist.is_main:
+            run.write_config()
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 **({"ema": ema.state_dict()} if ema else {}), "step": step, "samples": samples,

@@ -152,6 +152,12 @@ def train(script, *bad):
     return (script, ["train", "--run", "{scratch}/new-run", *TRAIN[script], *bad])
 
 
+def train_again(run, *flags):
+    """`train` again into a trained run (or a damaged copy): a refusal must leave its config.json as it was."""
+    script = run.split("-")[0]
+    return (script, ["train", "--run", f"{{{run}}}", *TRAIN[script], *flags])
+
+
 CASES = [
     # pvdm.py train: ranges, then what only several values together reveal
     (train("pvdm", "--batch-size", "0"), "--batch-size must be an integer >= 1, got 0"),
@@ -177,6 +183,8 @@ CASES = [
     (train("pvdm", "--resolution", "0"), "--resolution must be"),
     (train("pvdm", "--save-every", "-1"), "--save-every must be an integer >= 0"),
     (train("pvdm", "--sample-every", "-5"), "--sample-every must be"),
+    (train_again("pvdm", "--frames", "8"), "was trained with frames=4 but the config asks for 8"),
+    (train_again("pvdm-flipped", "--lr", "0.5"), "is damaged"),
     # pvdm.py sample and eval
     (("pvdm", ["sample", "--run", "{pvdm}", "--n", "0"]), "--n must be an integer >= 1, got 0"),
     (("pvdm", ["sample", "--run", "{pvdm}", "--frames", "0"]), "--frames must be an integer >= 1"),
@@ -216,6 +224,8 @@ CASES = [
     (train("videofusion", "--base-steps", "-1"), "--base-steps must be an integer >= 0"),
     (train("videofusion", "--steps", "-1"), "--steps must be"),
     (train("videofusion", "--seed", "1e23"), "--seed must be"),
+    (train_again("videofusion", "--joint", "full"), "joint='stop-grad' but the config asks for 'full'"),
+    (train_again("videofusion-flipped", "--lr", "0.5"), "is damaged"),
     (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "nan"]), "--guidance must be a finite number"),
     (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "-1"]), "--guidance must be"),
     (("videofusion", ["sample", "--run", "{videofusion}", "--eta", "1.5"]), "--eta must be"),
@@ -244,6 +254,7 @@ CASES = [
     (train("lvdm", "--frames", "10"), "not a multiple of the autoencoder's temporal factor"),
     (train("lvdm", "--disc-start", "-1"), "--disc-start must be"),
     (train("lvdm", "--seed", "1e23"), "--seed must be"),
+    (train_again("lvdm-flipped", "--lr", "0.5", "--stage", "short"), "is damaged"),
     (("lvdm", ["sample", "--run", "{lvdm}", "--eta", "nan"]), "--eta must be"),
     (("lvdm", ["sample", "--run", "{lvdm}", "--cond-noise", "-1"]), "--cond-noise must be an integer >= 0"),
     (("lvdm", ["sample", "--run", "{lvdm}", "--n", "0"]), "--n must be"),
@@ -270,6 +281,7 @@ CASES = [
     (train("vqvdm", "--frames", "4"), "too short for the discriminator"),
     (train("vqvdm", "--resolution", "12"), "must be divisible by 8"),
     (train("vqvdm", "--seed", "-3"), "--seed must be"),
+    (train_again("vqvdm-flipped", "--lr", "0.5"), "is damaged"),
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--n", "0"]), "--n must be"),
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--steps", "1001"]), "--steps must be between 1 and the schedule's 1000"),
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--frames", "6"]), "--frames must be a positive multiple"),
