@@ -169,56 +169,56 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
     if step > 0:   # restored last: building the loader above draws from the global RNG
         _restore_rng(run, resume_rng, seed, step)
     model.train()
-    bar = tqdm(total=steps, initial=step, desc=stage, disable=not run.dist.is_main, dynamic_ncols=True)
-    waited = busy = 0.0   # seconds spent in next(loader), and in whole steps, since the last log line
-    while step < steps:
-        began = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        totals = {}
-        for _ in range(accumulate):
-            fetch = time.perf_counter()
-            batch = next(loader)
-            waited += time.perf_counter() - fetch   # > 0 only when the loader's workers fall behind the step
-            batch = _to_device(batch, run.device)
-            with autocast(run.device, run.dtype):
-                out = loss_fn(net, batch)
-            out = out if isinstance(out, dict) else {"loss": out}
-            scaler.scale(out["loss"] / accumulate).backward()
-            for k, v in out.items():   # the step's scalars are means over its batches
-                totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / accumulate
-        if grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(list(clip_params(model) if clip_params else model.parameters()),
-                                           grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if ema:
-            ema.update(model)
-        step += 1
-        samples += batch_size * accumulate * run.dist.world
-        busy += time.perf_counter() - began
-        if step % log_every == 0 or step == steps:
-            logged = {k: float(v) for k, v in totals.items()}
-            if run.dist.world > 1:   # the mean over ranks, so the log does not depend on the world size
-                vals = torch.tensor(list(logged.values()), device=run.device)
-                dist.all_reduce(vals)
-                logged = dict(zip(logged, (vals / run.dist.world).tolist()))
-            # data_wait: this rank's share of the steps' time spent waiting for batches (0 = data keeps up)
-            data_wait = waited / busy if busy > 0 else 0.0
-            waited = busy = 0.0
-            run.log.write(stage=stage, step=step, **logged, lr=optimizer.param_groups[0]["lr"],
-                          data_wait=round(data_wait, 4))
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", data=f"{data_wait:.0%}")
-        bar.update(1)
-        if save_every and step % save_every == 0 and step < steps:
-            save()
-        if sample_fn and sample_every and step % sample_every == 0 and run.dist.is_main:
-            target = ema.model if ema else model
-            target.eval()
-            with torch.no_grad(), autocast(run.device, run.dtype):
-                sample_fn(target, step)
-            model.train()
-    bar.close()
+    # closed however the loop ends: an error printed after it then starts a line of its own
+    with tqdm(total=steps, initial=step, desc=stage, disable=not run.dist.is_main, dynamic_ncols=True) as bar:
+        waited = busy = 0.0   # seconds spent in next(loader), and in whole steps, since the last log line
+        while step < steps:
+            began = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            totals = {}
+            for _ in range(accumulate):
+                fetch = time.perf_counter()
+                batch = next(loader)
+                waited += time.perf_counter() - fetch   # > 0 only when the loader's workers fall behind the step
+                batch = _to_device(batch, run.device)
+                with autocast(run.device, run.dtype):
+                    out = loss_fn(net, batch)
+                out = out if isinstance(out, dict) else {"loss": out}
+                scaler.scale(out["loss"] / accumulate).backward()
+                for k, v in out.items():   # the step's scalars are means over its batches
+                    totals[k] = totals.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / accumulate
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(list(clip_params(model) if clip_params else model.parameters()),
+                                               grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema:
+                ema.update(model)
+            step += 1
+            samples += batch_size * accumulate * run.dist.world
+            busy += time.perf_counter() - began
+            if step % log_every == 0 or step == steps:
+                logged = {k: float(v) for k, v in totals.items()}
+                if run.dist.world > 1:   # the mean over ranks, so the log does not depend on the world size
+                    vals = torch.tensor(list(logged.values()), device=run.device)
+                    dist.all_reduce(vals)
+                    logged = dict(zip(logged, (vals / run.dist.world).tolist()))
+                # data_wait: this rank's share of the steps' time spent waiting for batches (0 = data keeps up)
+                data_wait = waited / busy if busy > 0 else 0.0
+                waited = busy = 0.0
+                run.log.write(stage=stage, step=step, **logged, lr=optimizer.param_groups[0]["lr"],
+                              data_wait=round(data_wait, 4))
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", data=f"{data_wait:.0%}")
+            bar.update(1)
+            if save_every and step % save_every == 0 and step < steps:
+                save()
+            if sample_fn and sample_every and step % sample_every == 0 and run.dist.is_main:
+                target = ema.model if ema else model
+                target.eval()
+                with torch.no_grad(), autocast(run.device, run.dtype):
+                    sample_fn(target, step)
+                model.train()
     save()
     if run.dist.world > 1:   # every rank waits for rank 0's checkpoint: the next stage may load it
         dist.barrier()

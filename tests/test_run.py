@@ -123,17 +123,20 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing_behind(tmp_path, monkeyp
     assert load_checkpoint(tmp_path / "c.pt", "toy")["step"] == 1
 
 
-def test_a_file_the_kernel_refuses_to_grow_is_one_sentence_through_the_cli(tmp_path):
-    """A file-size limit makes the kernel refuse a checkpoint's bytes (EFBIG) as a full disk refuses them (ENOSPC):
-    a real OS error, even for root. torch.save given a path reports it as a RuntimeError, and the user saw a
-    traceback; written through a Python file it is an OSError, then one sentence."""
-    def limit_files_to_8_kb():      # config.json and log lines fit, the toy's 20 KB checkpoint does not
-        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+@pytest.mark.parametrize("limit,flags,refused", [
+    (8192, ["--steps", "2"], "diffusion.pt"),                        # config.json and log lines fit, 20 KB do not
+    (300, ["--steps", "5", "--save-every", "0"], "log.jsonl"),       # the third log line does not fit
+])
+def test_a_file_the_kernel_refuses_to_grow_is_one_sentence_through_the_cli(tmp_path, limit, flags, refused):
+    """A file-size limit makes the kernel refuse a file's bytes (EFBIG) as a full disk refuses them (ENOSPC): a
+    real OS error, even for root. torch.save given a path reports it as a RuntimeError, and the user saw a
+    traceback; checkpoints are written through a Python file, where it is an OSError, then one sentence."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    out = run_script("tests/toy_script.py", "train", "--run", str(tmp_path), "--steps", "2",
-                     preexec_fn=limit_files_to_8_kb)
+    out = run_script("tests/toy_script.py", "train", "--run", str(tmp_path), *flags, preexec_fn=limit_file_size)
     assert out.returncode == 2 and out.stderr.strip().splitlines()[-1:] == [
-        f"error: cannot write {tmp_path / 'diffusion.pt'}: File too large"], out.stderr[-2000:]
+        f"error: cannot write {tmp_path / refused}: File too large"], out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not list(tmp_path.glob(".*.tmp*"))
 
 
