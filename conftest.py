@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+pytest.register_assert_rewrite("tests.fixtures")    # its shared checks explain their failures as tests' do
 
 
 def pytest_addoption(parser):

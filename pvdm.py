@@ -53,7 +53,7 @@ from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
 from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
-from common.train import Run, train_stage
+from common.train import Run, continue_rng, train_stage
 from common.video import make_grid, to_uint8, write_gif, write_samples
 
 SCRIPT = "pvdm"
@@ -599,6 +599,7 @@ def train(args):
 
     # stage 1b (--gan-steps): adversarial fine-tuning from the stage-1 weights (official base_gan.yaml)
     if "gan" in stages and cfg.gan_steps > 0:
+        continue_rng(run, ("ae",), cfg.seed)    # the discriminators start as in one `train`, whoever ran the ae stage
         model = AdversarialAE(load_ae(run.dir, cfg, run.device).train().requires_grad_(True), cfg).to(run.device)
         train_stage(run, "gan", model, torch.optim.AdamW(model.parameters(), **adam),
                     lambda net, batch: net(batch["video"], cfg, lpips),

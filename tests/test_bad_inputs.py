@@ -3,7 +3,10 @@ traceback, and no file that existed before changed. Each case runs as a user run
 common.cli.main, as `python X.py` does (a subprocess costs seconds of imports on this machine), and a few through
 the real entry point. Malformed data layouts (classInd and the like) are tests/test_data.py's.
 """
+import errno
+import os
 import shutil
+import sys
 import traceback
 
 import numpy as np
@@ -15,10 +18,11 @@ import pvdm
 import vdm
 import videofusion
 import vqvdm
+from common import evaluate
 from common.checkpoint import save_checkpoint
 from common.cli import main
 from eval import fvd, inception_score
-from tests.fixtures import run_script
+from tests.fixtures import permissions_apply, read_only, run_script
 
 ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "vqvdm": vqvdm.cli, "vdm": vdm.cli,
            "fvd": fvd.run, "inception_score": inception_score.run}
@@ -152,6 +156,12 @@ def train(script, *bad):
     return (script, ["train", "--run", "{scratch}/new-run", *TRAIN[script], *bad])
 
 
+def train_again(run, *flags):
+    """`train` again into a trained run (or a damaged copy): a refusal must leave its config.json as it was."""
+    script = run.split("-")[0]
+    return (script, ["train", "--run", f"{{{run}}}", *TRAIN[script], *flags])
+
+
 CASES = [
     # pvdm.py train: ranges, then what only several values together reveal
     (train("pvdm", "--batch-size", "0"), "--batch-size must be an integer >= 1, got 0"),
@@ -177,6 +187,8 @@ CASES = [
     (train("pvdm", "--resolution", "0"), "--resolution must be"),
     (train("pvdm", "--save-every", "-1"), "--save-every must be an integer >= 0"),
     (train("pvdm", "--sample-every", "-5"), "--sample-every must be"),
+    (train_again("pvdm", "--frames", "8"), "was trained with frames=4 but the config asks for 8"),
+    (train_again("pvdm-flipped", "--lr", "0.5"), "is damaged"),
     # pvdm.py sample and eval
     (("pvdm", ["sample", "--run", "{pvdm}", "--n", "0"]), "--n must be an integer >= 1, got 0"),
     (("pvdm", ["sample", "--run", "{pvdm}", "--frames", "0"]), "--frames must be an integer >= 1"),
@@ -216,6 +228,8 @@ CASES = [
     (train("videofusion", "--base-steps", "-1"), "--base-steps must be an integer >= 0"),
     (train("videofusion", "--steps", "-1"), "--steps must be"),
     (train("videofusion", "--seed", "1e23"), "--seed must be"),
+    (train_again("videofusion", "--joint", "full"), "joint='stop-grad' but the config asks for 'full'"),
+    (train_again("videofusion-flipped", "--lr", "0.5"), "is damaged"),
     (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "nan"]), "--guidance must be a finite number"),
     (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "-1"]), "--guidance must be"),
     (("videofusion", ["sample", "--run", "{videofusion}", "--eta", "1.5"]), "--eta must be"),
@@ -244,6 +258,7 @@ CASES = [
     (train("lvdm", "--frames", "10"), "not a multiple of the autoencoder's temporal factor"),
     (train("lvdm", "--disc-start", "-1"), "--disc-start must be"),
     (train("lvdm", "--seed", "1e23"), "--seed must be"),
+    (train_again("lvdm-flipped", "--lr", "0.5", "--stage", "short"), "is damaged"),
     (("lvdm", ["sample", "--run", "{lvdm}", "--eta", "nan"]), "--eta must be"),
     (("lvdm", ["sample", "--run", "{lvdm}", "--cond-noise", "-1"]), "--cond-noise must be an integer >= 0"),
     (("lvdm", ["sample", "--run", "{lvdm}", "--n", "0"]), "--n must be"),
@@ -270,6 +285,7 @@ CASES = [
     (train("vqvdm", "--frames", "4"), "too short for the discriminator"),
     (train("vqvdm", "--resolution", "12"), "must be divisible by 8"),
     (train("vqvdm", "--seed", "-3"), "--seed must be"),
+    (train_again("vqvdm-flipped", "--lr", "0.5"), "is damaged"),
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--n", "0"]), "--n must be"),
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--steps", "1001"]), "--steps must be between 1 and the schedule's 1000"),
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--frames", "6"]), "--frames must be a positive multiple"),
@@ -376,6 +392,61 @@ def test_a_malformed_input_is_one_sentence_and_changes_nothing(world, case, expe
     assert status == 2 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert snapshot(world.root) == before
+
+
+# --- folders and disks that refuse writes ---
+
+# eval --frames: enough for I3D (9) where the script samples that many; videofusion samples its training clip's 4
+FRAMES = {"pvdm": "16", "videofusion": "4", "lvdm": "12", "vqvdm": "16"}
+FIRST = {"pvdm": "ae", "videofusion": "diffusion", "lvdm": "ae", "vqvdm": "ae"}   # the first checkpoint TRAIN saves
+
+
+@pytest.mark.skipif(not permissions_apply(), reason="root writes where permissions forbid it")
+@pytest.mark.parametrize("script", TRAIN)
+def test_a_read_only_folder_is_one_sentence_before_any_work_and_changes_nothing(world, script, tmp_path, capsys,
+                                                                               monkeypatch):
+    """As on a read-only disk: `train` again into a finished run, `train` into a new run under a read-only folder,
+    `sample --out` into one, and `eval` beside the run (eval.json). Each names the folder or file and the cause
+    before training, sampling or loading I3D begins."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(world[script], run)
+    out.mkdir()
+    module = sys.modules[script]
+    for name in ("train_stage", "generate"):
+        monkeypatch.setattr(module, name, lambda *a, name=name, **k: pytest.fail(f"{name} began"))
+    monkeypatch.setattr(evaluate, "load_i3d", lambda *a, **k: pytest.fail("I3D began"))
+    cases = [(["train", "--run", str(run), *TRAIN[script]], run),
+             (["train", "--run", str(out / "new"), *TRAIN[script]], out / "new"),
+             (["sample", "--run", str(run), "--n", "1", "--steps", "1", "--out", str(out)], out),
+             (["eval", "--run", str(run), "--n", "2", "--steps", "1", "--frames", FRAMES[script]], run / "eval.json")]
+    give_back = read_only(run, out)
+    try:
+        before = snapshot(tmp_path)
+        for argv, path in cases:
+            status, err = as_user(ENTRIES[script], argv, capsys)
+            assert (status, err.strip().splitlines()) == (2, [f"error: cannot write {path}: Permission denied"]), err
+        assert snapshot(tmp_path) == before
+    finally:
+        give_back()
+
+
+@pytest.mark.parametrize("script", TRAIN)
+def test_a_full_disk_while_saving_is_one_sentence_and_leaves_no_temporary_file(script, tmp_path, capsys,
+                                                                              monkeypatch):
+    """The first checkpoint's bytes go out, then the disk is full: `error: cannot write <run>/<stage>.pt: No space
+    left on device`, and the half-written temporary file does not stay to keep the disk full."""
+    save = torch.save
+
+    def full(obj, f):
+        save(obj, f)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full)
+    run = tmp_path / "run"
+    status, err = as_user(ENTRIES[script], ["train", "--run", str(run), *TRAIN[script]], capsys)
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"error: cannot write {run / FIRST[script]}.pt: No space left on device"
+    assert not list(run.rglob(".*.tmp*")) and not (run / f"{FIRST[script]}.pt").exists()
 
 
 @pytest.mark.parametrize("argv", [

