@@ -319,6 +319,8 @@ CASES = [
     (train("vdm", "--sr-aug-max", "1001"), "--sr-aug-max must be at most the schedule's 1000 steps"),
     (train("vdm", "--sample-steps", "1001"), "--sample-steps must be at most the schedule's 1000 steps"),
     (train("vdm", "--seed", "-1"), "--seed must be"),
+    (train_again("vdm", "--sr-aug-max", "100"), "was trained with sr_aug_max=250 but the config asks for 100"),
+    (train_again("vdm-flipped", "--lr", "0.5"), "is damaged"),
     (("vdm", ["sample", "--run", "{vdm}", "--n", "0"]), "--n must be"),
     (("vdm", ["sample", "--run", "{vdm}", "--steps", "1001"]), "--steps must be between 1 and the schedule's 1000"),
     (("vdm", ["sample", "--run", "{vdm}", "--label", "1"]), "unconditional: --label and --guidance do not apply"),
@@ -397,8 +399,9 @@ def test_a_malformed_input_is_one_sentence_and_changes_nothing(world, case, expe
 # --- folders and disks that refuse writes ---
 
 # eval --frames: enough for I3D (9) where the script samples that many; videofusion samples its training clip's 4
-FRAMES = {"pvdm": "16", "videofusion": "4", "lvdm": "12", "vqvdm": "16"}
-FIRST = {"pvdm": "ae", "videofusion": "diffusion", "lvdm": "ae", "vqvdm": "ae"}   # the first checkpoint TRAIN saves
+FRAMES = {"pvdm": "16", "videofusion": "4", "lvdm": "12", "vqvdm": "16", "vdm": "12"}
+# the first checkpoint TRAIN saves
+FIRST = {"pvdm": "ae", "videofusion": "diffusion", "lvdm": "ae", "vqvdm": "ae", "vdm": "base"}
 
 
 @pytest.mark.skipif(not permissions_apply(), reason="root writes where permissions forbid it")

