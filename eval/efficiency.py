@@ -522,6 +522,7 @@ def pvdm_table5(s: Setting) -> dict:
         "gflop_per_call": {k: sig(v) for k, v in g.items()},
         "params_m": {name: millions(name) for name in ("vdm_base", "vdm_sr", "pvdm_unet", "pvdm_decode")},
         "config": {"setting": s.describe(),
+                   "models": "VDM: vdm.py ucf64 base + SR to 256^2 (ours: a guess); PVDM-L: pvdm.py ucf256",
                    "vdm": f"vdm.py ucf256: base {vdm_shape_text('base', s)} at 16x64^2, then SR "
                           f"{vdm_shape_text('sr', s)} at 16x256^2, {STEPS} DDIM steps each",
                    "pvdm": f"pvdm.py ucf256 (PVDM-L) at width / {s.divisor}; seconds = steps x (seconds per step "
@@ -549,6 +550,7 @@ def pvdm_train_batches(s: Setting) -> dict:
     (pvdm.diffusion_loss on pairs of clips), and each VDM stage (the cascade's stages train separately)."""
     c, v = pvdm_config(s.divisor), vdm_config()
     sched_p, sched_v = Schedule.make(c.schedule, c.timesteps), Schedule.make(v.schedule, v.timesteps)
+    s = dataclasses.replace(s, compile=False)     # each trial builds a new network: --compile would compile each
 
     def pvdm_at(B):
         unet, ae = build("pvdm_unet", s, train=True), build("pvdm_decode", s)
@@ -622,6 +624,7 @@ def lvdm_table2(s: Setting) -> dict:
         "flop_ratio": round((3 * g["vdm_base"] + 3 * g["vdm_sr"]) / (3 * g["lvdm_unet"] + g["lvdm_encode"]), 2),
         "gflop_per_call": {k: sig(v) for k, v in g.items()},
         "config": {"setting": s.describe(),
+                   "models": "VDM: vdm.py ucf64 base + SR to 256^2 (ours: a guess); LVDM: lvdm.py table2",
                    "vdm": f"vdm.py ucf256: base {vdm_shape_text('base', s)}, SR {vdm_shape_text('sr', s)}, "
                           f"gradient checkpointing as the presets (on)",
                    "lvdm": f"lvdm.py table2 (U-Net 418M + autoencoder 19M at paper scale) at width / {s.divisor}; "
@@ -675,6 +678,7 @@ def vqvdm_table3(s: Setting) -> dict:
         "gflop_per_call": {k: sig(v) for k, v in g.items()},
         "params_m": {name: millions(name) for name in ("vdm_base", "vqvdm_unet", "vqvdm_decode")},
         "config": {"setting": s.describe(),
+                   "models": "VDM: vdm.py ucf64 base (ours: a guess); VQ-VDM: vqvdm.py ucf128 (our widths)",
                    "vdm": f"vdm.py ucf64 base {vdm_shape_text('base', s)} at 16x64^2, DDIM",
                    "vqvdm": f"vqvdm.py ucf128 U-Net on 4x16^2x4 latents (16x128^2 video), class- and fps-"
                             f"conditional, one pass per step (no guidance), width / {s.divisor}"},
@@ -722,7 +726,7 @@ def videofusion_table4(s: Setting) -> dict:
         "flop_ratio": round(g["vdm_star"] / g["videofusion"], 2),
         "gflop_per_call": {k: sig(v) for k, v in g.items()},
         "params_m": {name: millions(name) for name in ("vdm_star", "videofusion")},
-        "config": {"setting": s.describe(),
+        "config": {"setting": s.describe(), "models": "VDM* and VideoFusion: videofusion.py ucf64 (our widths)",
                    "videofusion": f"videofusion.py ucf64 (base generator on the key frame + residual generator on "
                                   f"16 frames, 64^2 pixels) at width / {s.divisor}",
                    "vdm_star": "the base generator's widths and depths with temporal attention at the residual "
@@ -757,9 +761,10 @@ def fmt(x, unit="") -> str:
 def markdown(rows: list, s: Setting) -> str:
     """The rows as one table: baseline / method, the paper's and ours, each ratio baseline / method."""
     lines = ["| protocol | quantity | paper: baseline / method | paper ratio | ours: baseline / method | our ratio | "
-             "FLOP ratio at paper scale |", "|---|---|---|---|---|---|---|"]
+             "FLOP ratio at paper scale | our models |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines += markdown_lines(row)
+        first, *more = markdown_lines(row)
+        lines += [f"{first} {row['config']['models']} |"] + [f"{line} |" for line in more]
     return "\n".join(lines + ["", f"Measured at {s.describe()}; load average {s.load} at the start "
                                    f"({os.cpu_count()} cores)."])
 

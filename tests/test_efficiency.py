@@ -110,7 +110,7 @@ def test_every_protocol_runs_on_a_cpu_and_fills_its_row(toy_clips, one_thread, c
 
     table = [line for line in lines if line.startswith("| ")]
     assert len(table) == 1 + 7 + 1 + 2 + 2           # header; PVDM 3 x (16, 128 frames) + batch; LVDM; VQ x 2; VF x 2
-    assert all(line.count("|") == 8 for line in table)
+    assert all(line.count("|") == 9 for line in table)
 
 
 def test_one_protocol_alone_prints_one_row(toy_clips, one_thread, capsys):
