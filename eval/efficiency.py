@@ -381,14 +381,15 @@ def train_step(s: Setting, model: nn.Module, loss_fn: Callable[[nn.Module], obje
     return step
 
 
-def training(s: Setting, model: nn.Module, loss_fn, forward_gflop: float) -> dict:
+def training(s: Setting, model: nn.Module, loss_fn, step_gflop: float) -> dict:
     """Seconds per training step (mean of s.train_steps after one warm-up step, which also makes AdamW's state),
-    peak memory, achieved TFLOP/s (3 x forward_gflop, the GFLOP of the step's forward passes) and MFU."""
+    peak memory, achieved TFLOP/s (step_gflop: 3x the forward of a trained network, backward being ~2x; 1x that
+    of a frozen one) and MFU."""
     step = train_step(s, model, loss_fn)
     with Peak(s.device) as peak:
         elapsed(s.device, step)
         seconds = statistics.mean(elapsed(s.device, step) for _ in range(s.train_steps))
-    tflops = 3 * forward_gflop / seconds / 1e3
+    tflops = step_gflop / seconds / 1e3
     return {"s": sig(seconds), "memory_gib": peak.gib, "tflops": sig(tflops), "mfu": mfu(s, tflops)}
 
 
@@ -457,9 +458,8 @@ def vdm_cascade(s: Setting):
     sched = Schedule.make(c.schedule, c.timesteps)
     base, sr = compiled(build("vdm_base", s), s), compiled(build("vdm_sr", s), s)
     with torch.device(s.device):
-        x_base, x_sr = torch.randn(1, 3, c.frames, c.resolution, c.resolution), torch.randn(1, 3, c.frames,
-                                                                                           c.sr_resolution,
-                                                                                           c.sr_resolution)
+        x_base = torch.randn(1, 3, c.frames, c.resolution, c.resolution)
+        x_sr = torch.randn(1, 3, c.frames, c.sr_resolution, c.sr_resolution)
         level = torch.zeros(1, dtype=torch.long)
     with Peak(s.device) as peak:
         base_s = sampling_seconds(s, eps_of(s, base), x_base, sched, STEPS)[0]
@@ -487,7 +487,8 @@ def pvdm_table5(s: Setting) -> dict:
         # seconds of one over a 100-step run price every N/M setting
         step_s = sampling_seconds(s, eps_fn, z_T, sched, STEPS)[0] / STEPS
         decode_s = once_seconds(s, lambda: ae.decode(pvdm.unflat(z_T, shapes)))
-    clips, vdm_clips = -(-LONG_FRAMES // c.frames), -(-LONG_FRAMES // vdm_config().frames)
+    v = vdm_config()
+    clips, vdm_clips = math.ceil(LONG_FRAMES / c.frames), math.ceil(LONG_FRAMES / v.frames)
     ours, flops = {}, {}
     g = {name: gflop(name) for name in ("vdm_base", "vdm_sr", "pvdm_unet", "pvdm_decode")}
     vdm_flop = STEPS * (g["vdm_base"] + g["vdm_sr"])
@@ -523,16 +524,17 @@ def pvdm_table5(s: Setting) -> dict:
         "params_m": {name: millions(name) for name in ("vdm_base", "vdm_sr", "pvdm_unet", "pvdm_decode")},
         "config": {"setting": s.describe(),
                    "models": "VDM: vdm.py ucf64 base + SR to 256^2 (ours: a guess); PVDM-L: pvdm.py ucf256",
-                   "vdm": f"vdm.py ucf256: base {vdm_shape_text('base', s)} at 16x64^2, then SR "
-                          f"{vdm_shape_text('sr', s)} at 16x256^2, {STEPS} DDIM steps each",
+                   "vdm": f"vdm.py ucf256: base {vdm_shape_text('base', s)} at {v.frames}x{v.resolution}^2, then "
+                          f"SR {vdm_shape_text('sr', s)} at {v.frames}x{v.sr_resolution}^2, {STEPS} DDIM steps each",
                    "pvdm": f"pvdm.py ucf256 (PVDM-L) at width / {s.divisor}; seconds = steps x (seconds per step "
                            f"over a {STEPS}-step run) + one decode per clip; {LONG_FRAMES} frames are {clips} clips "
                            f"of {c.frames} (Alg. 1: N steps for the first, M for each later one)"},
-        "guesses": ["the paper's VDM configuration is not published: ours is vdm.py's ucf64 base + SR cascade, "
-                    "whose FLOPs per video are far above what 113 s on a 3090Ti allows (research §3.2)",
+        "guesses": [f"the paper's VDM configuration (one 256^2 model or a cascade) is not published: ours, "
+                    f"vdm.py's base + SR cascade, costs {(g['vdm_base'] + g['vdm_sr']) / 1e3:.1f} TFLOP per step; "
+                    f"research §3.2 infers 4-7 from 113 s for 100 steps on a 3090Ti",
                     "the 100/20-s comparison runs PVDM-L: pvdm.py (like the official code) has no PVDM-S",
                     f"VDM at {LONG_FRAMES} frames is out of memory in the paper and vdm.py has no long-video "
-                    f"sampler: ours is a lower bound, {vdm_clips} independent {vdm_config().frames}-frame cascades",
+                    f"sampler: ours is a lower bound, {vdm_clips} independent {v.frames}-frame cascades",
                     "the paper's memory tool is unknown; ours is torch's peak allocated and reserved"],
     }
 
@@ -584,12 +586,12 @@ def lvdm_table2(s: Setting) -> dict:
         x_base = torch.rand(B, 3, v.frames, v.resolution, v.resolution) * 2 - 1
         x_sr = torch.rand(B, 3, v.frames, v.sr_resolution, v.sr_resolution) * 2 - 1
     ours["vdm_base"] = training(s, build("vdm_base", s, train=True), lambda n: vdm.base_loss(n, sched_v, x_base),
-                                gflop("vdm_base", s.divisor, B))
+                                3 * gflop("vdm_base", s.divisor, B))
     release()
     log("LVDM Table 2: VDM SR training step")
     ours["vdm_sr"] = training(s, build("vdm_sr", s, train=True),
                               lambda n: vdm.sr_loss(n, sched_v, x_sr, v.resolution, v.sr_aug_max),
-                              gflop("vdm_sr", s.divisor, B))
+                              3 * gflop("vdm_sr", s.divisor, B))
     release()
     log("LVDM Table 2: LVDM training step, frozen encoder included")
     unet, ae = build("lvdm_unet", s, train=True), build("lvdm_encode", s)
@@ -602,13 +604,11 @@ def lvdm_table2(s: Setting) -> dict:
             z0 = unet.to_diffusion(ae.sample(x))
         return lvdm.short_loss(net, sched_l, z0, c)
 
-    # the encoder's forward counts once, not 3x: it has no backward; 3x (U-Net) + 1x (encoder) = 3x of (U-Net + /3)
-    lvdm_gflop = gflop("lvdm_unet", s.divisor, B) + gflop("lvdm_encode", s.divisor, B) / 3
-    ours["lvdm"] = training(s, unet, lvdm_loss, lvdm_gflop)
+    ours["lvdm"] = training(s, unet, lvdm_loss,
+                            3 * gflop("lvdm_unet", s.divisor, B) + gflop("lvdm_encode", s.divisor, B))
     vdm_s = ours["vdm_base"]["s"] + ours["vdm_sr"]["s"]
     g = {name: gflop(name) for name in ("vdm_base", "vdm_sr", "lvdm_unet", "lvdm_encode")}
-    dims = {"vdm": 3 * v.frames * v.resolution ** 2,
-            "lvdm": c.z_channels * latents(c)}
+    dims = {"vdm": 3 * v.frames * v.resolution ** 2, "lvdm": c.z_channels * math.prod(latent_lhw(c))}
     paper_vdm = sum(LVDM_T2["vdm_s"])
     return {
         "protocol": "LVDM Table 2",
@@ -636,11 +636,6 @@ def lvdm_table2(s: Setting) -> dict:
                     "batch 2 per GPU for both, from LVDM's official config; VDM's is not published",
                     "no gradient clipping or EMA update is timed"],
     }
-
-
-def latents(c: lvdm.Config) -> int:
-    l, h, w = latent_lhw(c)
-    return l * h * w
 
 
 # --- VQ-VDM Table 3: 100 sampling steps ---
@@ -679,9 +674,10 @@ def vqvdm_table3(s: Setting) -> dict:
         "params_m": {name: millions(name) for name in ("vdm_base", "vqvdm_unet", "vqvdm_decode")},
         "config": {"setting": s.describe(),
                    "models": "VDM: vdm.py ucf64 base (ours: a guess); VQ-VDM: vqvdm.py ucf128 (our widths)",
-                   "vdm": f"vdm.py ucf64 base {vdm_shape_text('base', s)} at 16x64^2, DDIM",
-                   "vqvdm": f"vqvdm.py ucf128 U-Net on 4x16^2x4 latents (16x128^2 video), class- and fps-"
-                            f"conditional, one pass per step (no guidance), width / {s.divisor}"},
+                   "vdm": f"vdm.py ucf64 base {vdm_shape_text('base', s)} at {v.frames}x{v.resolution}^2, DDIM",
+                   "vqvdm": f"vqvdm.py ucf128 U-Net on {'x'.join(map(str, z_T.shape[2:]))} latents of "
+                            f"{c.z_channels} channels ({c.frames}x{c.resolution}^2 video), class- and fps-conditional, "
+                            f"one pass per step (no guidance), width / {s.divisor}"},
         "guesses": ["the paper's 'reproduced implementation' of VDM is not published: ours is vdm.py's ucf64 base",
                     "the paper's sampler, batch, GPU and whether decoding is included are not stated; both are "
                     "given", "with Eq. (9) guidance VQ-VDM would run two passes per step"],
@@ -746,7 +742,7 @@ def videofusion_training(s: Setting, name: str, c: videofusion.Config, sched: Sc
         loss = lambda net: videofusion.diffusion_loss(net, model, sched, x0, None, c.p_uncond)    # noqa: E731
     else:
         loss = lambda net: vdm.base_loss(net, sched, x0)                                          # noqa: E731
-    return training(s, model, loss, gflop(name, s.divisor, c.batch_size))
+    return training(s, model, loss, 3 * gflop(name, s.divisor, c.batch_size))
 
 
 # --- Output ---
