@@ -136,16 +136,6 @@ def fewer(heads: int, divisor: int) -> int:
     return max(1, round(heads / divisor))
 
 
-def fit_heads(shape: vdm.UNetShape) -> vdm.UNetShape:
-    """The most heads, up to the shape's own, that divide every width vdm.UNet3D attends over. vdm.py's ucf256
-    preset gives its SR U-Net 6 heads, which do not divide the 256 and 512 channels where it attends: at that
-    width it runs with 4 (the FLOPs do not depend on the head count; each row says when this happened)."""
-    attended = {shape.ch * m for i, m in enumerate(shape.mult) if 2 ** i in shape.spatial_ds + shape.temporal_ds}
-    attended.add(shape.ch * shape.mult[-1])                     # the middle block
-    heads = max(h for h in range(1, shape.heads + 1) if all(w % h == 0 for w in attended))
-    return dataclasses.replace(shape, heads=heads)
-
-
 def vdm_config() -> vdm.Config:
     return vdm.PRESETS["ucf256"]     # the ucf64 base model, then SR 64^2 -> 256^2 (LVDM's "397+48M" VDM)
 
@@ -153,7 +143,7 @@ def vdm_config() -> vdm.Config:
 def vdm_shape(stage: str, divisor: int) -> vdm.UNetShape:
     shape = (vdm.base_shape if stage == "base" else vdm.sr_shape)(vdm_config())
     heads = fewer(shape.heads, divisor)
-    return fit_heads(dataclasses.replace(shape, ch=narrow(shape.ch, divisor, heads), heads=heads))
+    return dataclasses.replace(shape, ch=narrow(shape.ch, divisor, heads), heads=heads)
 
 
 def lvdm_config(divisor: int) -> lvdm.Config:
@@ -452,18 +442,18 @@ def ratio(a, b) -> Optional[float]:
 
 def vdm_cascade(s: Setting):
     """Seconds of the VDM cascade for one 16-frame video at STEPS DDIM steps per stage: base at 64^2, then SR to
-    256^2 conditioned on the base output upsampled (vdm.sr_condition, at augmentation level 0); and the peak
-    memory, with both networks resident."""
+    256^2 conditioned on the base output, noised to vdm.generate's default level and upsampled
+    (vdm.sr_condition); and the peak memory, with both networks resident."""
     c = vdm_config()
     sched = Schedule.make(c.schedule, c.timesteps)
     base, sr = compiled(build("vdm_base", s), s), compiled(build("vdm_sr", s), s)
     with torch.device(s.device):
         x_base = torch.randn(1, 3, c.frames, c.resolution, c.resolution)
         x_sr = torch.randn(1, 3, c.frames, c.sr_resolution, c.sr_resolution)
-        level = torch.zeros(1, dtype=torch.long)
+        level = torch.full((1,), vdm.sr_level(None, c), dtype=torch.long)
     with Peak(s.device) as peak:
         base_s = sampling_seconds(s, eps_of(s, base), x_base, sched, STEPS)[0]
-        cond = vdm.sr_condition(sched, x_base, c.sr_resolution, level)       # the base output, upsampled
+        cond = vdm.sr_condition(sched, x_base, c.sr_resolution, level, torch.randn_like(x_base))   # base output
         sr_s = sampling_seconds(s, eps_of(s, lambda x, t: sr(torch.cat([x, cond], dim=1), t, level)), x_sr, sched,
                                 STEPS)[0]
     return base_s, sr_s, peak.gib
@@ -541,10 +531,7 @@ def pvdm_table5(s: Setting) -> dict:
 
 def vdm_shape_text(stage: str, s: Setting) -> str:
     shape = vdm_shape(stage, s.divisor)
-    asked = fewer((vdm.base_shape if stage == "base" else vdm.sr_shape)(vdm_config()).heads, s.divisor)
-    heads = f"{shape.heads} heads" + ("" if shape.heads == asked else f" (the preset's {asked} do not divide its "
-                                                                      f"widths)")
-    return f"{millions('vdm_' + stage, s.divisor)}M (ch {shape.ch}, {heads})"
+    return f"{millions('vdm_' + stage, s.divisor)}M (ch {shape.ch}, {shape.heads} heads)"
 
 
 def pvdm_train_batches(s: Setting) -> dict:
