@@ -104,12 +104,14 @@ class Setting:
     load: float                     # the machine's 1-minute load average at the start: other work slows a CPU run
 
     def describe(self) -> str:
-        timing = ("every sampling step timed" if self.timed_steps is None else
-                  f"{self.timed_steps} steps of each sampler timed and scaled to its step count")
+        if self.timed_steps is None:
+            timing = f"every sampling step timed; the mean of {self.train_steps} training steps"
+        else:
+            timing = (f"{self.timed_steps} steps of each sampler and {self.train_steps} training steps timed one by "
+                      f"one, the fastest counting (x the step count)")
         return (f"{self.scale} scale (widths / {self.divisor}, the papers' resolutions), "
                 f"{'bf16' if self.dtype else 'fp32'}{', compiled' if self.compile else ''} on "
-                f"{device_name(self.device)}; {timing}; {self.train_steps} training steps timed; one warm-up step "
-                f"before each")
+                f"{device_name(self.device)}; {timing}; one warm-up step before each")
 
 
 def device_name(device: torch.device) -> str:
@@ -330,15 +332,27 @@ def inputs(name: str, s: Setting, batch: int = 1) -> tuple:
 
 
 def sampling_seconds(s: Setting, eps_fn, x_T, sched: Schedule, steps: int, repeats: int = 1) -> list:
-    """Seconds for `steps` DDIM steps of eps_fn from x_T, one value per repeat: the first s.timed_steps steps of
-    the schedule timed (every step when None) after one warm-up step, times steps / timed. The cost of a step
-    does not depend on t, so the extrapolation is exact up to the machine's noise."""
+    """Seconds for `steps` DDIM steps of eps_fn from x_T, one value per repeat, after one warm-up step. With
+    s.timed_steps None every step is timed, as one run; otherwise s.timed_steps steps are timed one by one and
+    typical() of them, times `steps`, counts (the cost of a step does not depend on t)."""
     ts = ddim_timesteps(sched.T, steps)
-    k = len(ts) if s.timed_steps is None else min(s.timed_steps, len(ts))
+
+    def run(timesteps):
+        return elapsed(s.device, lambda: ddim_sample(eps_fn, x_T, sched, timesteps))
+
     with torch.no_grad():
-        elapsed(s.device, lambda: ddim_sample(eps_fn, x_T, sched, ts[:1]))             # warm-up (and compile)
-        return [elapsed(s.device, lambda: ddim_sample(eps_fn, x_T, sched, ts[:k])) * len(ts) / k
+        run(ts[:1])                                                 # warm-up (and compile)
+        if s.timed_steps is None:
+            return [run(ts) for _ in range(repeats)]
+        return [len(ts) * typical(s, [run(ts[i:i + 1]) for i in range(min(s.timed_steps, len(ts)))])
                 for _ in range(repeats)]
+
+
+def typical(s: Setting, seconds: list) -> float:
+    """The fastest of some timed steps that stand for many (--timed-steps): other work on a machine only ever adds
+    time, and on a shared 2-core machine one step of one network took 1.1 s or 8 s from minute to minute (its
+    two OpenMP threads wait for each other when another process holds a core). With every step timed, the mean."""
+    return min(seconds) if s.timed_steps is not None else statistics.mean(seconds)
 
 
 def once_seconds(s: Setting, fn) -> float:
@@ -372,13 +386,13 @@ def train_step(s: Setting, model: nn.Module, loss_fn: Callable[[nn.Module], obje
 
 
 def training(s: Setting, model: nn.Module, loss_fn, step_gflop: float) -> dict:
-    """Seconds per training step (mean of s.train_steps after one warm-up step, which also makes AdamW's state),
+    """Seconds per training step (typical() of s.train_steps after one warm-up step, which also makes AdamW's state),
     peak memory, achieved TFLOP/s (step_gflop: 3x the forward of a trained network, backward being ~2x; 1x that
     of a frozen one) and MFU."""
     step = train_step(s, model, loss_fn)
     with Peak(s.device) as peak:
         elapsed(s.device, step)
-        seconds = statistics.mean(elapsed(s.device, step) for _ in range(s.train_steps))
+        seconds = typical(s, [elapsed(s.device, step) for _ in range(s.train_steps)])
     tflops = step_gflop / seconds / 1e3
     return {"s": sig(seconds), "memory_gib": peak.gib, "tflops": sig(tflops), "mfu": mfu(s, tflops)}
 

@@ -219,23 +219,25 @@ def test_narrower_networks_keep_head_dimensions_and_split_evenly():
     assert E.videofusion_config(1) == dataclasses.replace(videofusion.PRESETS["ucf64"])
 
 
-def test_sampling_time_is_extrapolated_from_the_timed_steps(monkeypatch):
-    """A fake clock that moves one second per network call: 2 timed steps of 100 read as 100 s, and the warm-up
-    step is left out."""
+def test_sampling_time_is_the_fastest_timed_step_times_the_step_count(monkeypatch):
+    """A fake clock that a network call moves by the next of the given durations: of 2 timed steps of 100 the
+    faster counts (a busy machine only adds time), the warm-up step is left out, and with every step timed the
+    run is the sum of its steps."""
     clock = {"now": 0.0, "calls": 0}
+    durations = iter([9.0] + [3.0, 1.0] * 3 + [9.0] + [2.0] * 20)
 
     def eps_fn(x, t):
-        clock["now"] += 1.0
+        clock["now"] += next(durations)
         clock["calls"] += 1
         return torch.zeros_like(x)
 
     monkeypatch.setattr(E.time, "perf_counter", lambda: clock["now"])
-    s = E.setting(E.parser().parse_args(["--device", "cpu", "--timed-steps", "2", "--repeats", "3"]))
+    s = E.setting(E.parser().parse_args(["--device", "cpu", "--timed-steps", "2"]))
     sched = Schedule.make("linear", 1000)
     assert E.sampling_seconds(s, eps_fn, torch.zeros(1, 3), sched, 100, repeats=3) == [100.0] * 3
     assert clock["calls"] == 1 + 3 * 2
-    s.timed_steps = 500                                        # more than the sampler has: every step is timed
-    assert E.sampling_seconds(s, eps_fn, torch.zeros(1, 3), sched, 20) == [20.0]
+    s.timed_steps = None                                       # --scale paper: every step, timed as one run
+    assert E.sampling_seconds(s, eps_fn, torch.zeros(1, 3), sched, 20) == [40.0]
 
 
 @settings(max_examples=60, deadline=None)
