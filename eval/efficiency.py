@@ -22,10 +22,11 @@ machine, and seconds to compute (no weights are made).
                generator on every frame)
 Scales: `paper` builds the papers' networks and times every step (meant for a GPU). `cpu` divides every width
 and head count by --width-divisor (4; a head keeps its width) and never a resolution: small networks at small
-resolutions are overhead-bound, so their time ratios would mean nothing. It times --timed-steps denoising steps of
-each sampler after one warm-up step and scales them to the step count (about 4 minutes on 2 cores). A CPU runs the
-1x3x3 3D convolutions of the pixel and latent U-Nets through a slow generic kernel and its time ratios differ from
-a GPU's: read them beside the FLOP ratio.
+resolutions are overhead-bound, so their time ratios would mean nothing. After one warm-up step it times
+--timed-steps denoising steps of each sampler and --train-steps training steps one by one; the fastest counts
+(other work on a machine only adds time) and a sampler's is multiplied by its step count (about 4 minutes on 2
+cores). A CPU runs the 1x3x3 3D convolutions of the pixel and latent U-Nets through a slow generic kernel and its
+time ratios differ from a GPU's: read them beside the FLOP ratio.
 
 Memory is CUDA's max_memory_allocated / max_memory_reserved, in GiB (the papers' "GB"); on a CPU it is n/a. Each
 training step also gives its achieved TFLOP/s, counted as 3x its forward FLOPs (backward ~ 2x forward; the frozen
