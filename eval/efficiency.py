@@ -50,19 +50,24 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
-import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+# OpenMP reads its wait policy when torch loads it, hence before the import. Threads that spin while they wait hold
+# the core another process needs, and every op stalls: beside one busy process on this 2-core machine a VQ-VDM
+# U-Net step took 2-4.5 s spinning and 0.1-0.4 s passive. A user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import lvdm
-import pvdm
-import vdm
-import videofusion
-import vqvdm
-from common.cli import Parser, main, number
-from common.diffusion import Schedule, ddim_sample, ddim_timesteps
-from common.errors import UserError
-from common.run import autocast, count_params, pick_device
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import lvdm  # noqa: E402
+import pvdm  # noqa: E402
+import vdm  # noqa: E402
+import videofusion  # noqa: E402
+import vqvdm  # noqa: E402
+from common.cli import Parser, main, number  # noqa: E402
+from common.diffusion import Schedule, ddim_sample, ddim_timesteps  # noqa: E402
+from common.errors import UserError  # noqa: E402
+from common.run import autocast, count_params, pick_device  # noqa: E402
 
 GiB = 2 ** 30
 STEPS = 100              # DDIM steps per sampling stage wherever a paper fixes no other number (T5's VDM, T3)
@@ -112,7 +117,12 @@ class Setting:
                       f"one, the fastest counting (x the step count)")
         return (f"{self.scale} scale (widths / {self.divisor}, the papers' resolutions), "
                 f"{'bf16' if self.dtype else 'fp32'}{', compiled' if self.compile else ''} on "
-                f"{device_name(self.device)}; {timing}; one warm-up step before each")
+                f"{device_name(self.device)}{self.threads()}; {timing}; one warm-up step before each")
+
+    def threads(self) -> str:
+        if self.device.type != "cpu":
+            return ""
+        return f" ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})"
 
 
 def device_name(device: torch.device) -> str:
