@@ -283,6 +283,7 @@ def count_gflop(fn: Callable[[], object]) -> float:
 
 
 def millions(name: str, divisor: int = 1) -> float:
+    """Parameters (millions) of the module NETS[name] builds: a whole autoencoder for the _encode and _decode ones."""
     with torch.device("meta"):
         return round(count_params(NETS[name].build(divisor)) / 1e6, 2)
 
@@ -326,8 +327,8 @@ def release():
 
 
 def build(name: str, s: Setting, train: bool = False) -> nn.Module:
-    """NETS[name] at the run's width divisor, on its device (made there: initialising 500M weights on the CPU
-    first takes longer than the protocol), in training or inference mode."""
+    """NETS[name] at the run's width divisor, initialised on the run's device (no CPU copy to make and move), in
+    training or inference mode."""
     with torch.device(s.device):
         module = NETS[name].build(s.divisor)
     return module.train() if train else module.eval().requires_grad_(False)
