@@ -52,8 +52,10 @@ from typing import Callable, Optional
 
 # OpenMP reads its wait policy when torch loads it, hence before the import. Threads that spin while they wait hold
 # the core another process needs, and every op stalls: beside one busy process on this 2-core machine a VQ-VDM
-# U-Net step took 2-4.5 s spinning and 0.1-0.4 s passive. A user's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# U-Net step took 2-4.5 s spinning and 0.1-0.4 s passive. A user's own setting wins; an import (the tests) leaves
+# the environment of its process, and of what that process starts, alone.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
