@@ -559,7 +559,7 @@ def pvdm_table5(s: Setting) -> dict:
 
 def vdm_shape_text(stage: str, s: Setting) -> str:
     shape = vdm_shape(stage, s.divisor)
-    return f"{millions('vdm_' + stage, s.divisor)}M (ch {shape.ch}, {shape.heads} heads)"
+    return f"{millions('vdm_' + stage, s.divisor)}M (ch {shape.ch}, heads {shape.heads})"
 
 
 def pvdm_train_batches(s: Setting) -> dict:
@@ -726,8 +726,8 @@ def videofusion_table4(s: Setting) -> dict:
     paper = VIDEOFUSION_T4
     return {
         "protocol": "VideoFusion Table 4",
-        "measures": f"seconds per denoising step at batch 1 (the mean over a {STEPS}-step run); peak training "
-                    f"memory at batch {c.batch_size} (GPU)",
+        "measures": f"seconds per denoising step at batch 1 (a {STEPS}-step run / {STEPS}); peak training memory at "
+                    f"batch {c.batch_size} (GPU)",
         "paper": {"memory_gb_latency_s": paper, "device": "not stated (63.82 GB needs an 80 GB card)"},
         "paper_ratio": {"latency": ratio(paper["VDM*"][1], paper["VideoFusion"][1]),
                         "memory": ratio(paper["VDM*"][0], paper["VideoFusion"][0])},
