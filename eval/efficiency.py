@@ -840,7 +840,8 @@ def parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the timed networks")
     p.add_argument("--only", default=None, choices=list(PROTOCOLS), help="run one protocol (default: all four)")
     p.add_argument("--width-divisor", type=number(int, lo=1), default=None,
-                   help="divide every network width by this (default: 4 at --scale cpu, 1 at --scale paper)")
+                   help="divide every network width and head count by this (default: 4 at --scale cpu, 1 at "
+                        "--scale paper)")
     p.add_argument("--timed-steps", type=number(int, lo=1), default=None,
                    help="denoising steps timed per sampler, the rest extrapolated (default: 3 at --scale cpu, "
                         "every step at --scale paper)")
