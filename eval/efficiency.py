@@ -646,7 +646,7 @@ def lvdm_table2(s: Setting) -> dict:
                            f"encoder posterior sampled as in training",
                    "flops": "training = 3 x forward (+ 1 x the frozen encoder's forward); TFLOP/s likewise"},
         "guesses": ["the paper's VDM base and SR networks are in a supplement we lack: ours are vdm.py's presets "
-                    "(399M + 49M against the paper's 397M + 48M)",
+                    "(399M + 48M against the paper's 397M + 48M)",
                     "'Step Time' is undefined in the paper; we read it as a training step (research §3.1)",
                     "batch 2 per GPU for both, from LVDM's official config; VDM's is not published",
                     "no gradient clipping or EMA update is timed"],
