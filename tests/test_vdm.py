@@ -100,6 +100,26 @@ def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch():
             assert sum(loss(1000 + i).item() for i in range(4)) < before, stage
 
 
+def test_the_sr_loss_regresses_v_which_an_oracle_meets_exactly_and_sampling_turns_it_into_eps(monkeypatch):
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022): a network that knows x0 and
+    returns v has zero loss, and the eps the sampler gets from that v is the true eps."""
+    sched = Schedule.make("cosine")
+    x0 = fixed_batch(SyntheticVideos(4, 16, seed=0), 2)["video"]
+
+    class Oracle(nn.Module):
+        def forward(self, x, t, s=None):
+            return sched.v_from_eps(x0, t, sched.predict_eps(x[:, :3], t, x0)).float()
+
+    torch.manual_seed(0)
+    assert vdm.sr_loss(Oracle(), sched, x0, 8, aug_max=10).item() < 1e-8
+    t, eps = torch.tensor([400, 900]), torch.randn_like(x0)
+    x_t = sched.q_sample(x0, t, eps).float()
+    sampler = {}
+    monkeypatch.setattr(vdm, "ddim_sample", lambda eps_fn, x_T, *a, **k: sampler.setdefault("eps_fn", eps_fn))
+    vdm.denoise(Oracle(), sched, x_t, cond=torch.zeros_like(x0), prediction="v")
+    assert torch.allclose(sampler["eps_fn"](x_t, t), eps, atol=1e-3)
+
+
 class Recorder(nn.Module):
     """Stands in for the SR U-Net: records its input and level, predicts zeros."""
 
