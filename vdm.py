@@ -478,18 +478,22 @@ def train(args):
 
 # --- Sampling: the base model, then the super-resolution model ---
 
-@torch.no_grad()
-def denoise(net: UNet3D, sched: Schedule, x_T, *, cond=None, s=None, prediction="eps", steps=50, sampler="ddim",
-            eta=0.0, noise_fn=torch.randn_like, dtype=None, progress=False):
-    """One stage's reverse process from x_T; cond (the SR model's upsampled input) and s are held fixed. A
-    v-predicting network's output is turned into eps for the samplers."""
-    device = x_T.device
-
+def eps_function(net, sched: Schedule, *, cond=None, s=None, prediction="eps", dtype=None):
+    """One stage's eps(x_t, t) for the samplers: the network under autocast, fed [x_t, cond] and s for SR, its
+    output in float32, a v-predicting network's turned into eps."""
     def eps_fn(x, t):
-        with autocast(device, dtype):
+        with autocast(x.device, dtype):
             inp = x if cond is None else torch.cat([x, cond], dim=1)
             out = net(inp, t, s).float()
         return out if prediction == "eps" else sched.eps_from_v(x, t, out).float()
+    return eps_fn
+
+
+@torch.no_grad()
+def denoise(net: UNet3D, sched: Schedule, x_T, *, cond=None, s=None, prediction="eps", steps=50, sampler="ddim",
+            eta=0.0, noise_fn=torch.randn_like, dtype=None, progress=False):
+    """One stage's reverse process from x_T; cond (the SR model's upsampled input) and s are held fixed."""
+    eps_fn = eps_function(net, sched, cond=cond, s=s, prediction=prediction, dtype=dtype)
 
     # x0_hat clipped to [-1, 1], the pixel range, as DDPM does
     if sampler == "ddpm":
@@ -499,8 +503,7 @@ def denoise(net: UNet3D, sched: Schedule, x_T, *, cond=None, s=None, prediction=
 
 @torch.no_grad()
 def generate(base: UNet3D, sr: Optional[UNet3D], sched: Schedule, cfg: Config, *, n, frames=None, steps=50,
-             sampler="ddim", eta=0.0, sr_noise=None, seed=0, device="cpu", dtype=None, progress=False,
-             return_float=False):
+             sampler="ddim", eta=0.0, sr_noise=None, seed=0, device="cpu", dtype=None, progress=False):
     """n videos, uint8 (n, T, H, W, 3): the base model's clip at --resolution, then, with an SR model, that clip
     noised to level sr_noise (default: a fifth of sr_aug_max, ours) and upsampled as the SR model's condition."""
     device = torch.device(device)
@@ -518,7 +521,7 @@ def generate(base: UNet3D, sr: Optional[UNet3D], sched: Schedule, cfg: Config, *
         x = denoise(sr, sched, noise((n, 3, T, cfg.sr_resolution, cfg.sr_resolution)), cond=cond, s=s,
                     prediction=cfg.sr_prediction, steps=steps, sampler=sampler, eta=eta,
                     noise_fn=lambda x: noise(x.shape), dtype=dtype, progress=progress)
-    return x if return_float else to_uint8(x.float())
+    return to_uint8(x.float())
 
 
 def load_models(run_dir, device, ckpt=None):

@@ -480,10 +480,10 @@ def vdm_cascade(s: Setting):
         x_sr = torch.randn(1, 3, c.frames, c.sr_resolution, c.sr_resolution)
         level = torch.full((1,), vdm.sr_level(None, c), dtype=torch.long)
     with Peak(s.device) as peak:
-        base_s = sampling_seconds(s, eps_of(s, base), x_base, sched, STEPS)[0]
+        base_s = sampling_seconds(s, vdm.eps_function(base, sched, dtype=s.dtype), x_base, sched, STEPS)[0]
         cond = vdm.sr_condition(sched, x_base, c.sr_resolution, level, torch.randn_like(x_base))   # base output
-        sr_s = sampling_seconds(s, eps_of(s, lambda x, t: sr(torch.cat([x, cond], dim=1), t, level)), x_sr, sched,
-                                STEPS)[0]
+        sr_eps = vdm.eps_function(sr, sched, cond=cond, s=level, prediction=c.sr_prediction, dtype=s.dtype)
+        sr_s = sampling_seconds(s, sr_eps, x_sr, sched, STEPS)[0]
     return base_s, sr_s, peak.gib
 
 
@@ -583,7 +583,8 @@ def pvdm_train_batches(s: Setting) -> dict:
                 x0 = torch.rand(B, 3, v.frames, size, size) * 2 - 1
             if stage == "base":
                 return train_step(s, net, lambda n: vdm.base_loss(n, sched_v, x0))
-            return train_step(s, net, lambda n: vdm.sr_loss(n, sched_v, x0, v.resolution, v.sr_aug_max))
+            return train_step(s, net, lambda n: vdm.sr_loss(n, sched_v, x0, v.resolution, v.sr_aug_max,
+                                                            v.sr_prediction))
         return at
 
     return {"pvdm_l": largest_batch(s, pvdm_at), "vdm_base": largest_batch(s, vdm_at("base")),
@@ -605,7 +606,7 @@ def lvdm_table2(s: Setting) -> dict:
     release()
     log("LVDM Table 2: VDM SR training step")
     ours["vdm_sr"] = training(s, build("vdm_sr", s, train=True),
-                              lambda n: vdm.sr_loss(n, sched_v, x_sr, v.resolution, v.sr_aug_max),
+                              lambda n: vdm.sr_loss(n, sched_v, x_sr, v.resolution, v.sr_aug_max, v.sr_prediction),
                               3 * gflop("vdm_sr", s.divisor, B))
     release()
     log("LVDM Table 2: LVDM training step, frozen encoder included")
@@ -661,7 +662,8 @@ def vqvdm_table3(s: Setting) -> dict:
     base = compiled(build("vdm_base", s), s)
     with torch.device(s.device):
         x = torch.randn(1, 3, v.frames, v.resolution, v.resolution)
-    vdm_s = sampling_seconds(s, eps_of(s, base), x, Schedule.make(v.schedule, v.timesteps), STEPS, s.repeats)
+    sched_v = Schedule.make(v.schedule, v.timesteps)
+    vdm_s = sampling_seconds(s, vdm.eps_function(base, sched_v, dtype=s.dtype), x, sched_v, STEPS, s.repeats)
     release()
     log(f"VQ-VDM Table 3: VQ-VDM, {s.repeats} runs")
     unet, vq = compiled(build("vqvdm_unet", s), s), build("vqvdm_decode", s)

