@@ -6,8 +6,9 @@ A paper script picks its recipe from these pieces in a few lines:
             losses/perceptual.py)
     LVDM    2D per-frame PatchGAN, hinge, adaptive weight x0.5 from step 50001 (official
             lvdm/models/losses/contperceptual.py)
-    VQ-VDM  one 3D PatchGAN that downsamples in every layer, vanilla loss, squared-L2 feature matching (§2.2,
-            Eq. 3-5), adversarial terms off for the first 10,000 steps
+    VQ-VDM  its own 3D discriminator (vqvdm.py::Discriminator3D, not this PatchGAN) with pix2pix's init from here,
+            vanilla loss, squared-L2 feature matching (§2.2, Eq. 3-5), adversarial terms off for the first 10,000
+            steps
 
 Conventions: D returns (logits, features of every layer but the last); "real" and "fake" are logits.
 """
@@ -20,20 +21,19 @@ import torch.nn.functional as F
 
 class PatchGAN(nn.Module):
     """Isola et al.'s PatchGAN, 2D (frames) or 3D (clips): a conv with stride `stride`, then `layers` convs with
-    normalisation, all but the last strided, then a 1-channel conv giving one logit per patch. Weights N(0, 0.02),
+    BatchNorm, all but the last strided, then a 1-channel conv giving one logit per patch. Weights N(0, 0.02),
     norm scales N(1, 0.02) (pix2pix's init, kept by taming, TATS and PVDM)."""
 
     def __init__(self, dims: int = 2, ch: int = 64, layers: int = 3, kernel=4, stride=2, padding=1,
-                 norm: str = "batch", in_ch: int = 3):
+                 in_ch: int = 3):
         super().__init__()
         conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        norms = {"batch": nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d,
-                 "group": lambda c: nn.GroupNorm(32 if c % 32 == 0 else 1, c)}
+        norm = nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d
         mods, c = [nn.Sequential(conv(in_ch, ch, kernel, stride, padding), nn.LeakyReLU(0.2))], ch
         for i in range(1, layers + 1):                        # the last of them keeps the size (stride 1)
             cout = ch * min(2 ** i, 8)
             mods.append(nn.Sequential(conv(c, cout, kernel, stride if i < layers else 1, padding, bias=False),
-                                      norms[norm](cout), nn.LeakyReLU(0.2)))
+                                      norm(cout), nn.LeakyReLU(0.2)))
             c = cout
         mods.append(conv(c, 1, kernel, 1, padding))
         self.layers = nn.ModuleList(mods)
@@ -79,10 +79,6 @@ def hinge_g_loss(fake: torch.Tensor) -> torch.Tensor:
 def vanilla_g_loss(fake: torch.Tensor) -> torch.Tensor:
     """E[-log sigmoid D(x_hat)]: the non-saturating generator loss of the vanilla GAN."""
     return F.softplus(-fake).mean()
-
-
-D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
-G_LOSSES = {"hinge": hinge_g_loss, "vanilla": vanilla_g_loss}
 
 
 def feature_matching(fake_feats: Sequence[torch.Tensor], real_feats: Sequence[torch.Tensor],

@@ -1,7 +1,7 @@
-"""Every malformed input is one sentence (CONTRACT.md, Errors): exit status 2, one `error:` line on stderr, no
-traceback, and no file that existed before changed. Each case runs as a user runs it: in-process through
-common.cli.main, as `python X.py` does (a subprocess costs seconds of imports on this machine), and a few through
-the real entry point. Malformed data layouts (classInd and the like) are tests/test_data.py's.
+"""Every malformed input is one sentence: exit status 2, one `error:` line on stderr, no traceback, and no file that
+existed before changed. Each case runs as a user runs it: in-process through common.cli.main, as `python X.py` does
+(a subprocess costs seconds of imports on this machine), and a few through the real entry point. Malformed data
+layouts (classInd and the like) are tests/test_data.py's.
 """
 import errno
 import os

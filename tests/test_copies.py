@@ -1,5 +1,5 @@
-"""Architecture blocks may repeat across paper files (STYLE.md's single-file policy) but must not drift: a class or
-function under `# Copied from FILE::NAME` must be NAME from FILE, word for word but for its own name."""
+"""Architecture blocks may repeat across paper files (each paper is one self-contained file) but must not drift: a
+class or function under `# Copied from FILE::NAME` must be NAME from FILE, word for word but for its own name."""
 import ast
 import re
 from pathlib import Path

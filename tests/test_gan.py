@@ -64,7 +64,7 @@ def test_frozen_call_passes_gradients_to_the_input_only():
 @pytest.mark.parametrize("dims,shape,kw", [(2, (2, 3, 32, 32), {}),
                                           (3, (2, 3, 4, 32, 32), dict(kernel=(3, 4, 4), stride=(1, 2, 2),
                                                                       padding=(1, 2, 2))),
-                                          (3, (2, 3, 16, 32, 32), dict(padding=2, norm="group"))])
+                                          (3, (2, 3, 16, 32, 32), dict(padding=2))])
 def test_patchgan_gives_patch_logits_and_every_layers_features(dims, shape, kw):
     d = PatchGAN(dims, ch=8, layers=3, **kw)
     logits, feats = d(torch.randn(*shape))

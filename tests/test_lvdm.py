@@ -503,7 +503,8 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path, trained):
         lvdm.cli(["train", "--frames", "10", "--run", str(tmp_path / "r")])
     with pytest.raises(UserError, match="not divisible by the autoencoder's spatial factor"):
         lvdm.cli(["train", "--resolution", "18", "--run", str(tmp_path / "r")])
-    with pytest.raises(UserError, match="no checkpoint|train"):
+    with pytest.raises(UserError, match=r"no checkpoint at \S*/none/short\.pt: train one first "
+                                        r"with `python lvdm.py train"):
         lvdm.cli(["sample", "--run", str(tmp_path / "none")])
     make_ucf101(tmp_path / "ucf", n_frames=(30, 30, 20, 8))     # 30 frames: short clips yes, prediction clips no
     with pytest.raises(UserError, match="no video in ucf101 has the 48 frames"):
