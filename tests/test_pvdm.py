@@ -544,3 +544,100 @@ def test_the_papers_networks_have_the_official_parameter_counts():
         cfg = pvdm.PRESETS["ucf256"]
         assert count_params(pvdm.PlaneUNet(cfg)) == 528_273_412
         assert count_params(pvdm.ProjectedAutoencoder(cfg)) == 62_036_367
+
+
+# --- Alg. 1 with the optimal denoiser of a data set of one video: the sampler must return its clips ---
+
+class OracleUNet:
+    """The optimal denoiser when the data set is one video of clips with latents z^1, z^2, ...: clip l's latent
+    given clip l-1's is z^l (the first clip's, given the zero condition, z^1), so eps* = (z_t - sqrt(ab_t) z^l) /
+    sqrt(1 - ab_t) in the packed latent space the sampler diffuses. It counts its calls to know which clip it
+    denoises (`steps` for the first, `cond_steps` for each later one) and asserts the condition it is given: zeros
+    for the first clip, z^{l-1}, plane by plane, for clip l."""
+
+    def __init__(self, sched, targets, steps, cond_steps):
+        self.sched, self.targets, self.steps, self.cond_steps = sched, targets, steps, cond_steps
+        self.seen = []                                          # (clip, the packed condition), one per call
+
+    def clip_of(self, call):
+        return 0 if call < self.steps else 1 + (call - self.steps) // self.cond_steps
+
+    def __call__(self, z_t, c, t):
+        clip = self.clip_of(len(self.seen))
+        c = pvdm.flat(c)
+        expected = torch.zeros_like(c) if clip == 0 else self.targets[clip - 1].expand_as(c)
+        assert torch.allclose(c, expected, atol=1e-5), f"clip {clip + 1} was given the wrong condition"
+        self.seen.append((clip, c.clone()))
+        x0 = self.targets[clip].expand_as(c)
+        return pvdm.unflat(self.sched.predict_eps(pvdm.flat(z_t).float(), t, x0), [p.shape[1:] for p in z_t])
+
+
+def one_video(clips=3):
+    """A tiny random autoencoder (its own latents are the targets: no training needed), one video of `clips`
+    4-frame clips, the packed latent of each clip and the clips decoded."""
+    torch.manual_seed(0)
+    cfg = small(frames=4, resolution=16)
+    ae = pvdm.ProjectedAutoencoder(cfg).eval().requires_grad_(False)
+    with torch.no_grad():          # latents across (-1, 1), many beyond 0.9: an x0 clip tighter than tanh's shows
+        for proj in (ae.proj_s, ae.proj_h, ae.proj_w):
+            proj.to_z.weight.mul_(4)
+    video = torch.rand(1, 3, 4 * clips, 16, 16) * 2 - 1
+    with torch.no_grad():
+        targets = [pvdm.flat(ae.encode(video[:, :, 4 * i:4 * i + 4])) for i in range(clips)]
+        shapes = [(4, 4, 4)] * 3
+        decoded = torch.cat([ae.decode(pvdm.unflat(z, shapes)) for z in targets], dim=2)
+    assert min((a - b).abs().max() for a, b in zip(targets, targets[1:])) > 0.5      # the clips tell apart
+    assert max(z.abs().max() for z in targets) > 0.9
+    return cfg, ae, targets, decoded
+
+
+SAMPLERS = {"ddim": dict(eta=0.0, steps=10, cond_steps=7), "ddim_eta1": dict(eta=1.0, steps=10, cond_steps=5),
+            "ddpm": dict(eta=1.0, steps=1000, cond_steps=1000)}       # eta 1 on every step is DDPM (Alg. 2)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("frames", [4, 10])                  # one clip; three, the last cut to 2 frames
+def test_generate_with_the_optimal_denoiser_returns_the_one_videos_clips(sampler, frames):
+    cfg, ae, targets, decoded = one_video()
+    s = SAMPLERS[sampler]
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    oracle = OracleUNet(sched, targets, s["steps"], s["cond_steps"])
+    videos, latents = pvdm.generate(oracle, ae, sched, cfg, n=2, frames=frames, seed=3, **s)
+    clips = -(-frames // 4)
+    assert len(latents) == clips and len(oracle.seen) == s["steps"] + (clips - 1) * s["cond_steps"]
+    for z, target in zip(latents, targets):
+        torch.testing.assert_close(z, target.expand_as(z), atol=1e-5, rtol=0)
+    torch.testing.assert_close(videos, decoded[:, :, :frames].expand_as(videos), atol=1e-5, rtol=0)
+    for clip, c in oracle.seen:                    # exactly the previous clip's sampled latent, not a re-encode
+        assert torch.equal(c, torch.zeros_like(c) if clip == 0 else latents[clip - 1])
+
+
+def test_the_oracle_refuses_a_continuation_conditioned_on_the_wrong_clip():
+    cfg, ae, targets, decoded = one_video()
+    sched, shapes = Schedule.make(cfg.schedule, cfg.timesteps), [(4, 4, 4)] * 3
+    z, t = pvdm.unflat(torch.randn(1, 4, 48), shapes), torch.tensor([10])
+    zero, first, second = tuple(torch.zeros_like(p) for p in z), pvdm.unflat(targets[0], shapes), \
+        pvdm.unflat(targets[1], shapes)
+    for given in ([zero, zero], [zero, first, first], [zero, first, (second[0], second[2], second[1])]):
+        oracle = OracleUNet(sched, targets, steps=1, cond_steps=1)          # one call per clip
+        for c in given[:-1]:
+            oracle(z, c, t)
+        with pytest.raises(AssertionError, match=f"clip {len(given)} was given the wrong condition"):
+            oracle(z, given[-1], t)                # z_h and z_w swapped: the right values at the wrong place
+
+
+def test_sample_command_with_the_optimal_denoiser_writes_the_one_videos_clips(tmp_path, monkeypatch):
+    """Everything `sample` runs, flags to frames: 10 frames, 3 clips of 4, DDIM 10/7-s."""
+    cfg, ae, targets, decoded = one_video()
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    oracle = OracleUNet(sched, targets, 10, 7)
+    monkeypatch.setattr(pvdm, "load_for_sampling", lambda args, device: (cfg, sched, oracle, ae,
+                                                                         tmp_path / "diffusion.pt"))
+    written = []
+    to_uint8 = pvdm.to_uint8
+    monkeypatch.setattr(pvdm, "to_uint8", lambda v: written.append(v) or to_uint8(v))
+    pvdm.cli(["sample", "--n", "2", "--frames", "10", "--steps", "10", "--cond-steps", "7", "--eta", "0",
+              "--out", str(tmp_path / "out")])
+    assert len(oracle.seen) == 10 + 2 * 7
+    torch.testing.assert_close(written[0], decoded[:, :, :10].expand_as(written[0]), atol=1e-5, rtol=0)
+    assert np.load(tmp_path / "out" / "samples.npz")["videos"].shape == (2, 10, 16, 16, 3)
