@@ -389,7 +389,8 @@ def test_every_stage_keeps_the_ranks_in_step_under_torchrun(tmp_path):
 def test_user_mistakes_are_refused_in_one_sentence(tmp_path):
     with pytest.raises(UserError, match="not divisible by --patch 4"):
         pvdm.cli(["train", "--resolution", "18", "--run", str(tmp_path / "r")])
-    with pytest.raises(UserError, match="no checkpoint|train"):
+    with pytest.raises(UserError, match=r"^no checkpoint at .*none/diffusion\.pt: train one first with "
+                                        r"`python pvdm\.py train --run "):
         pvdm.cli(["sample", "--run", str(tmp_path / "none")])
     with pytest.raises(UserError, match="--lam must be a finite number between 0 and 1, got 1.5"):
         pvdm.cli(["train", "--lam", "1.5", "--run", str(tmp_path / "r")])
@@ -641,3 +642,293 @@ def test_sample_command_with_the_optimal_denoiser_writes_the_one_videos_clips(tm
     assert len(oracle.seen) == 10 + 2 * 7
     torch.testing.assert_close(written[0], decoded[:, :, :10].expand_as(written[0]), atol=1e-5, rtol=0)
     assert np.load(tmp_path / "out" / "samples.npz")["videos"].shape == (2, 10, 16, 16, 3)
+
+
+# --- every block contributes ---
+
+def without_grad(module, names=None):
+    """The names of the parameters (of `names`, default all) whose gradient is missing or zero everywhere."""
+    return [n for n, p in module.named_parameters() if (names is None or n in names)
+            and (p.grad is None or not p.grad.abs().sum() > 0)]
+
+
+@pytest.mark.parametrize("stage", ["ae", "gan_autoencoder", "gan_discriminators", "diffusion"])
+def test_one_step_of_each_stage_gives_every_parameter_it_trains_a_gradient(stage):
+    """A block that is built but never runs, or whose output is dropped, has no gradient."""
+    torch.manual_seed(0)
+    cfg = small(frames=4, resolution=16)
+    ae = pvdm.ProjectedAutoencoder(cfg)
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    lpips = lambda a, b: (a - b).pow(2).mean(dim=(1, 2, 3))            # noqa: E731  (no weights here)
+    if stage == "ae":
+        pvdm.ae_loss(ae, x, cfg, lpips)[0]["loss"].backward()
+        assert without_grad(ae) == []
+    elif stage.startswith("gan"):
+        model = pvdm.AdversarialAE(ae, cfg)
+        model.calls.fill_(0 if stage == "gan_autoencoder" else pvdm.GAN_ACCUMULATE)
+        with torch.no_grad():   # with every logit inside the hinge's margin the last bias's gradient is exactly
+            for d in (model.d2, model.d3):              # 1/2 (-1 + 1) = 0: put about half the real ones beyond it
+                d.layers[-1].bias.fill_(1.0)
+        pvdm.gan_loss(model, x, cfg, lpips)["loss"].backward()
+        trained = [n for n, _ in model.named_parameters() if n.startswith("ae." if stage == "gan_autoencoder"
+                                                                          else ("d2.", "d3."))]
+        assert len(trained) > 0 and without_grad(model, trained) == []
+    else:
+        ae.eval().requires_grad_(False)
+        unet, sched = pvdm.PlaneUNet(cfg), Schedule.make(cfg.schedule, cfg.timesteps)
+        pair = torch.rand(4, 3, 8, 16, 16) * 2 - 1
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+        for step in range(3):   # zero-initialised output layers pass no gradient back until a step moves them:
+            opt.zero_grad(set_to_none=True)       # the U-Net's last layer, then each block's, then the rest
+            pvdm.diffusion_loss(unet, sched, ae, pair, 0.5)["loss"].backward()
+            if step < 2:
+                opt.step()
+        assert without_grad(unet) == []
+
+
+def emb_at(unet, z, c, t):
+    """The output of every ResBlock's time-embedding layer (its scale and shift) at step t."""
+    out = {}
+    hooks = [m.emb.register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o))
+             for n, m in unet.named_modules() if isinstance(m, pvdm.ResBlock)]
+    unet(z, c, t)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def test_every_resblock_of_the_denoiser_receives_the_timestep_and_uses_it():
+    """Each ResBlock's time-embedding input is the U-Net's embedding of the step it was called with, and giving
+    any one ResBlock the scale and shift of another step changes the output."""
+    torch.manual_seed(0)
+    cfg = small(frames=8, resolution=32)
+    unet = perturbed(pvdm.PlaneUNet(cfg))
+    z, c, t, t2 = planes(cfg), planes(cfg), torch.tensor([10, 700]), torch.tensor([500, 20])
+    seen = []
+    resblocks = {n: m for n, m in unet.named_modules() if isinstance(m, pvdm.ResBlock)}
+    hooks = [m.emb.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for m in resblocks.values()]
+    base = unet(z, c, t)
+    for h in hooks:
+        h.remove()
+    expected = unet.time(pvdm.timestep_embedding(t, cfg.ch))
+    assert len(seen) == 3 * len(resblocks) and all(torch.equal(e, expected) for e in seen)   # once per plane
+    other = emb_at(unet, z, c, t2)
+    for name, m in resblocks.items():
+        h = m.emb.register_forward_hook(lambda m, a, o, name=name: other[name])
+        moved = unet(z, c, t)
+        h.remove()
+        assert max((a - b).abs().max() for a, b in zip(moved, base)) > 1e-5, f"{name} ignores t"
+
+
+def test_removing_any_block_of_the_denoiser_changes_its_output():
+    """Each attention (in a plane and across the planes) replaced by the identity, each ResBlock's residual
+    branch replaced by zero: the output moves."""
+    torch.manual_seed(0)
+    cfg = small(frames=8, resolution=32)
+    unet = perturbed(pvdm.PlaneUNet(cfg))
+    z, c, t = planes(cfg), planes(cfg), torch.tensor([10, 700])
+    base = unet(z, c, t)
+    removals = [(n, m, lambda m, a, o: a[0]) for n, m in unet.named_modules() if isinstance(m, pvdm.Attention2D)]
+    removals += [(n, m.out, lambda m, a, o: torch.zeros_like(o)) for n, m in unet.named_modules()
+                 if isinstance(m, pvdm.ResBlock)]
+    assert sum(isinstance(m, pvdm.CrossPlaneAttention) for _, m, _ in removals) == len(unet.down) + 1 + len(unet.up)
+    for name, m, hook in removals:
+        h = m.register_forward_hook(hook)
+        moved = unet(z, c, t)
+        h.remove()
+        assert max((a - b).abs().max() for a, b in zip(moved, base)) > 1e-5, f"{name} does not contribute"
+
+
+def test_removing_any_block_of_the_autoencoder_changes_its_output():
+    """Each encoder and decoder layer replaced by the identity, each attention and feed-forward branch (of the
+    layers and of the three projections) replaced by zero: the reconstruction moves."""
+    torch.manual_seed(0)
+    ae = pvdm.ProjectedAutoencoder(small(frames=4, resolution=16, ae_depth=2, proj_depth=2)).eval()
+    x = torch.rand(1, 3, 4, 16, 16) * 2 - 1
+    base = ae(x)
+    removals = [(n, m, lambda m, a, o: a[0]) for n, m in ae.named_modules() if isinstance(m, pvdm.DividedBlock)]
+    removals += [(n, m, lambda m, a, o: torch.zeros_like(o)) for n, m in ae.named_modules()
+                 if isinstance(m, (pvdm.Attention, pvdm.GEGLU, pvdm.MLP))]
+    assert len(removals) == 2 * 2 + 2 * 2 * 3 + 3 * 2 * 2
+    for name, m, hook in removals:
+        h = m.register_forward_hook(hook)
+        moved = ae(x)
+        h.remove()
+        assert (moved - base).abs().max() > 1e-5, f"{name} does not contribute"
+
+
+def test_projections_and_decoder_against_loops_over_every_position_with_t_h_w_all_different():
+    """z_s[h, w] = f_s(u[:, h, w]) over time, z_h[t, w] = f_h(u[t, :, w]) over height, z_w[t, h] = f_w(u[t, h, :])
+    over width; the decoder's token (t, h, w) = A z_s[h, w] + B z_h[t, w] + C z_w[t, h] + position code, and frame
+    t of the output is the un-patched frame t of its tokens."""
+    torch.manual_seed(0)
+    ae = pvdm.ProjectedAutoencoder(small(frames=3, resolution=16)).eval()
+    x = torch.rand(2, 3, 3, 16, 8) * 2 - 1                                          # T 3, h 4, w 2
+    seen = {}
+    ae.enc_norm.register_forward_hook(lambda m, a, o: seen.__setitem__("u", o))
+    ae.decoder[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("e", a[0]))
+    ae.dec_norm.register_forward_hook(lambda m, a, o: seen.__setitem__("d", o))
+    z_s, z_h, z_w = ae.encode(x)
+    u = seen["u"]                                                                   # (B, T, h, w, D)
+    B, T, h, w, _ = u.shape
+    assert (T, h, w) == (3, 4, 2)
+    for b in range(B):
+        for i in range(h):
+            for j in range(w):
+                torch.testing.assert_close(z_s[b, :, i, j], ae.proj_s(u[b, :, i, j][None])[0])
+        for t in range(T):
+            for j in range(w):
+                torch.testing.assert_close(z_h[b, :, t, j], ae.proj_h(u[b, t, :, j][None])[0])
+            for i in range(h):
+                torch.testing.assert_close(z_w[b, :, t, i], ae.proj_w(u[b, t, i, :][None])[0])
+    out = ae.decode((z_s, z_h, z_w))
+    codes = pvdm.position_codes(T, h, w, u.shape[-1], "cpu")
+    for b in range(B):
+        for t in range(T):
+            for i in range(h):
+                for j in range(w):
+                    token = (ae.from_s(z_s[b, :, i, j]) + ae.from_h(z_h[b, :, t, j]) + ae.from_w(z_w[b, :, t, i])
+                             + codes[t, i, j])
+                    torch.testing.assert_close(seen["e"][b, t, i, j], token)
+            frame = 2 * torch.sigmoid(ae.unpatch(seen["d"][b, t].permute(2, 0, 1)[None]))[0] - 1
+            torch.testing.assert_close(out[b, :, t], frame)
+
+
+# --- each loss term with its own weight: gradients of the weights, not only the value ---
+
+def weights_as_leaves(cfg, *names):
+    """cfg with the named weights made tensors that record their gradient: d loss / d weight is the term it
+    multiplies, so a weight moved onto another term of equal value shows."""
+    w = {n: torch.tensor(float(getattr(cfg, n)), requires_grad=True) for n in names}
+    return dataclasses.replace(cfg, **w), w
+
+
+def test_autoencoder_loss_weights_each_term_and_lpips_sees_the_same_random_frame_of_both_clips():
+    torch.manual_seed(0)
+    cfg, w = weights_as_leaves(small(l1_weight=4.0, l2_weight=2.0, lpips_weight=3.0), "l1_weight", "l2_weight",
+                               "lpips_weight")
+    ae = pvdm.ProjectedAutoencoder(cfg)
+    x = torch.rand(3, 3, 4, 16, 16) * 2 - 1
+    pairs = []
+
+    def lpips(a, b):                                                # one value per clip
+        pairs.append((a, b))
+        return (a - b).abs().mean(dim=(1, 2, 3)) * torch.arange(1.0, 4.0)
+
+    torch.manual_seed(5)
+    out, x_hat = pvdm.ae_loss(ae, x, cfg, lpips)
+    torch.manual_seed(5)
+    frame = torch.randint(0, 4, (3,))
+    a, b = pairs[0]
+    assert torch.equal(b, torch.stack([x[i, :, frame[i]] for i in range(3)]))
+    assert torch.equal(a, torch.stack([x_hat[i, :, frame[i]] for i in range(3)]))
+    l1, l2, p = (x_hat - x).abs().mean(), (x_hat - x).pow(2).mean(), lpips(a, b).mean()
+    torch.testing.assert_close(out["loss"], 4 * l1 + 2 * l2 + 3 * p)
+    out["loss"].backward()
+    for name, term in (("l1_weight", l1), ("l2_weight", l2), ("lpips_weight", p)):
+        torch.testing.assert_close(w[name].grad, term.detach(), msg=name)
+
+
+def test_gan_step_of_the_autoencoder_is_reconstruction_plus_hinge_plus_feature_matching_in_values_and_gradients():
+    """The generator's loss rec - mean D2(x_hat frame) - mean D3(x_hat) + fm_weight * FM, against the same sum
+    written out: its value, d loss / d fm_weight = FM, and the autoencoder's gradients (the discriminators held
+    fixed)."""
+    torch.manual_seed(0)
+    cfg, w = weights_as_leaves(small(fm_weight=3.0), "fm_weight")
+    model = pvdm.AdversarialAE(pvdm.ProjectedAutoencoder(cfg), cfg)
+    x = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    torch.manual_seed(7)
+    out = pvdm.gan_loss(model, x, cfg)
+    out["loss"].backward()
+    got = {n: p.grad.clone() for n, p in model.ae.named_parameters()}
+    assert all(p.grad is None for p in model.d2.parameters()) and all(p.grad is None for p in model.d3.parameters())
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    frame = torch.randint(0, 4, (2,))
+    x_hat = model.ae(x)
+    rec = cfg.l1_weight * (x_hat - x).abs().mean() + cfg.l2_weight * (x_hat - x).pow(2).mean()
+    (l2, f2), (l3, f3) = model.d2(pvdm.random_frame(x_hat, frame)), model.d3(x_hat)
+    (_, r2), (_, r3) = model.d2(pvdm.random_frame(x, frame)), model.d3(x)
+    fm = sum((a - b.detach()).abs().mean() for a, b in zip(f2 + f3, r2 + r3))
+    g = -l2.mean() - l3.mean()
+    ref = rec + g + 3.0 * fm
+    torch.testing.assert_close(out["loss"], ref)
+    torch.testing.assert_close(out["g"], g)
+    torch.testing.assert_close(w["fm_weight"].grad, fm.detach())
+    ref.backward()
+    for n, p in model.ae.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
+
+
+# --- §3.3 Eq. (3): the draws, the branches and their boundaries ---
+
+class FakeAE:
+    """An 'autoencoder' whose planes are fixed functions of the clip, recording what it encodes."""
+
+    def __init__(self):
+        self.seen = []
+
+    def encode(self, x):                                   # (B, 3, T, 16, 16) -> planes (4, 4, 4) each
+        self.seen.append(x)
+        p = torch.nn.functional.avg_pool3d(x, (1, 4, 4))                            # (B, 3, T, 4, 4)
+        z_s = torch.tanh(torch.cat([p.mean(2), p[:, :1].mean(2)], dim=1))
+        z_h = torch.tanh(torch.cat([p.mean(3), p[:, :1].mean(3)], dim=1))
+        z_w = torch.tanh(torch.cat([p.mean(4), -p[:, :1].mean(4)], dim=1))
+        return z_s, z_h, z_w
+
+
+def test_diffusion_loss_is_eq3_on_given_draws_against_a_reference_in_values_and_gradients(monkeypatch):
+    """With the draws fixed (which examples are conditional, the window, t, eps), the loss and its gradient equal
+    || eps - eps_theta(sqrt(ab_t) z0 + sqrt(1 - ab_t) eps, c, t) ||^2 written out: c the first clip's latent for a
+    conditional example (target the second clip), zeros otherwise (target the drawn window). u < lam is
+    conditional: at u == lam it is not, and lam = 0 never conditions (u can be 0)."""
+    torch.manual_seed(0)
+    cfg = small(frames=4, resolution=16)
+    unet, sched, ae = perturbed(pvdm.PlaneUNet(cfg)), Schedule.make(cfg.schedule, cfg.timesteps), FakeAE()
+    pair = torch.rand(4, 3, 8, 16, 16) * 2 - 1
+    u, start, t = torch.tensor([0.0, 0.3, 0.3001, 0.9]), torch.tensor([0, 2, 4, 1]), torch.tensor([0, 999, 500, 3])
+    eps = torch.randn(4, 4, 48)
+    monkeypatch.setattr(torch, "rand", lambda size, device=None: u)
+    randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda lo, hi, size, device=None:
+                        {(0, 5): start, (0, 1000): t}[(lo, hi)] if size == (4,) else randint(lo, hi, size))
+    monkeypatch.setattr(torch, "randn_like", lambda x: eps)
+    for lam, conditional in ((0.0, [0, 0, 0, 0]), (0.3, [1, 0, 0, 0]), (0.3001, [1, 1, 0, 0]),
+                             (1.0, [1, 1, 1, 1])):
+        unet.zero_grad(set_to_none=True)
+        out = pvdm.diffusion_loss(unet, sched, ae, pair, lam)
+        out["loss"].backward()
+        got = [p.grad.clone() for p in unet.parameters()]
+        unet.zero_grad(set_to_none=True)
+        windows = [pair[b, :, 4:] if conditional[b] else pair[b, :, start[b]:start[b] + 4] for b in range(4)]
+        z0 = pvdm.flat(ae.encode(torch.stack(windows)))
+        first = pvdm.flat(ae.encode(pair[:, :, :4]))
+        c = torch.stack([first[b] if conditional[b] else torch.zeros_like(first[b]) for b in range(4)])
+        ab = sched.alpha_bar[t].float()[:, None, None]
+        z_t = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        shapes = [(4, 4, 4)] * 3
+        ref = (pvdm.flat(unet(pvdm.unflat(z_t, shapes), pvdm.unflat(c, shapes), t)) - eps).pow(2).mean()
+        torch.testing.assert_close(out["loss"], ref)
+        assert out["cond_share"].item() == sum(conditional) / 4
+        ref.backward()
+        for a, p in zip(got, unet.parameters()):
+            torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_diffusion_loss_draws_every_timestep_and_every_window():
+    """t uniform over 0..T-1 (t = 0 and T-1 included) and the unconditional window's start over 0..T: with a
+    4-step schedule and 2-frame clips, 64 examples see them all; conditional examples always take the second clip."""
+    torch.manual_seed(0)
+    ae, seen_t = FakeAE(), []
+
+    def net(z_t, c, t):
+        seen_t.append(t)
+        return tuple(torch.zeros_like(p) for p in z_t)
+
+    pair = torch.arange(4.0)[None, None, :, None, None].expand(64, 3, 4, 16, 16) / 4     # frame k has value k/4
+    for lam in (0.0, 1.0):
+        pvdm.diffusion_loss(net, Schedule.make("linear", 4), ae, pair, lam)
+    starts = [ae.seen[0][:, 0, 0, 0, 0] * 4, ae.seen[1][:, 0, 0, 0, 0] * 4]           # each target's first frame
+    assert sorted(set(torch.cat(seen_t).tolist())) == [0, 1, 2, 3]
+    assert sorted(set(starts[0].round().long().tolist())) == [0, 1, 2]
+    assert set(starts[1].round().long().tolist()) == {2} and torch.equal(ae.seen[2], pair[:, :, :2])
