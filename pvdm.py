@@ -418,26 +418,28 @@ class CrossPlaneAttention(Attention2D):
     """The planes talk: the tokens of z_s, z_h and z_w are concatenated into one sequence for a 1D
     self-attention, then split back (the official AttentionBlock1D after every U-Net block)."""
 
-    def forward_planes(self, planes):                             # [(B, C, h_i, w_i)] * 3
+    def forward(self, planes):                                    # [(B, C, h_i, w_i)] * 3
         sizes = [p.shape[2] * p.shape[3] for p in planes]
         joint = self.attend(torch.cat([p.flatten(2) for p in planes], dim=2))      # (B, C, sum h_i w_i)
         return [part.view_as(p) for part, p in zip(joint.split(sizes, dim=2), planes)]
 
 
-class Block(nn.ModuleList):
-    """Layers applied to each plane with shared weights, then cross-plane attention."""
+class Block(nn.Module):
+    """Layers applied to each plane with shared weights, then one cross-plane attention over the three planes
+    together. (The layers sit in their own list: iterating a list that also held `cross` ran it on each plane.)"""
 
     def __init__(self, layers, ch, heads):
-        super().__init__(layers)
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
         self.cross = CrossPlaneAttention(ch, heads)
 
     def forward(self, planes, emb):
         out = []
         for x in planes:
-            for layer in self:
+            for layer in self.layers:
                 x = layer(x, emb)
             out.append(x)
-        return self.cross.forward_planes(out)
+        return self.cross(out)
 
 
 class PlaneUNet(nn.Module):
