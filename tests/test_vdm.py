@@ -432,6 +432,16 @@ def test_sample_with_the_optimal_denoisers_of_one_clip_returns_that_clip(monkeyp
     assert np.array_equal(np.load(tmp_path / "out" / "samples.npz")["videos"], to_uint8(seen["output"]))
 
 
+def test_a_base_only_run_samples_the_clip_of_its_optimal_denoiser(monkeypatch, tmp_path):
+    cfg = small(frames=6, sr_resolution=0)
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    torch.manual_seed(0)
+    clip = torch.rand(1, 3, cfg.frames, cfg.resolution, cfg.resolution, dtype=torch.float64) * 1.8 - 0.9
+    seen, base = watch_the_cascade(monkeypatch), OneClip(sched, clip)
+    monkeypatch.setattr(vdm, "load_models", lambda run, device, ckpt=None: (cfg, base, None, tmp_path / "base.pt"))
+    vdm.cli(["sample", "--n", "2", "--steps", "5", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert "low" not in seen and (seen["output"] - clip).abs().max() < 1e-6
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_each_stage_clips_x0_hat_to_the_pixel_range(monkeypatch, sampler):
     """Denoisers whose x0_hat is 3 (base) and -3 (SR) everywhere: each stage's last step returns x0_hat clipped to
