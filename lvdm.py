@@ -21,8 +21,10 @@ Implemented here, all of it:
 What differs from the official code (github.com/YingqingHe/LVDM), each on purpose: the temporal attention adds its
 relative-position logits untransposed and scaled as q.k (the official einsum adds them transposed); every gap
 between keyframes is interpolated (the official loop fills one in three and returns ~1/3 of the frames asked for);
-the unconditional guidance pass sees the noisy latents without the condition and with the same "no condition"
-embedding that unconditional training examples get (the official one sees the condition, and no embedding);
+the unconditional guidance pass sees the sampler's own latents everywhere, none of the given ones (the official
+one sees the given latents as z_s, written into its state, with an all-zero mask), and the same "no condition"
+embedding that unconditional training examples get (the official one gets none); with guidance, the sampler's
+state at the given latents follows that pass alone;
 the prediction model also learns dense (stride-1) clips, told apart by a stride embedding, so that one run
 serves both `--mode autoregressive` and `--mode hierarchical`; pred and interp start from the short model's EMA
 weights with a zero-initialised mask input channel and zero-initialised embeddings (the official code has no
@@ -51,7 +53,7 @@ from tqdm.auto import tqdm
 from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
 from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, fixed_batch, make_dataset
-from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample, guided
+from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample
 from common.errors import UserError
 from common.evaluate import evaluate_run
 from common.files import output_folder
@@ -731,9 +733,11 @@ def sample_clip(net: UNet3D, sched: Schedule, cfg: Config, shape, *, given=None,
                 dtype=None):
     """One clip of diffused latents (B, C, l, h, w). The short model, or a conditional model with the latents
     `given` where `mask` (1, 1, l, 1, 1) is 1: the conditional pass sees them perturbed to z_s, s = cond_noise,
-    drawn once per clip; the unconditional pass (Eq. 9's eps_u, mask all zeros) sees every latent at the step's
-    own noise level and the "no condition" level, as unconditional training examples did. Given latents are
-    returned as they were given."""
+    drawn once per clip, and the sampler's state elsewhere. The unconditional pass (Eq. 9's eps_u: mask all zeros,
+    level s_max, as unconditional training examples) sees the sampler's state at every latent and nothing of the
+    given ones, neither clean nor perturbed, so that the errors they carry cannot reach it (§3.3). With guidance
+    the state at the given latents follows eps_u alone (the conditional pass saw z_s there, not the state). Given
+    latents are returned as they were given."""
     B = shape[0]
 
     def noise(x):
@@ -751,19 +755,24 @@ def sample_clip(net: UNet3D, sched: Schedule, cfg: Config, shape, *, given=None,
         s = torch.full((B,), cond_noise, device=device, dtype=torch.long)
         m = mask if mask is not None else torch.zeros(1, 1, shape[2], 1, 1, device=device)
         m = m.expand(B, -1, -1, -1, -1)
-        z_s = perturb(sched, given, s, noise(given)) if given is not None else None
-        at_t = noise(given) if given is not None else None     # the given latents' own noise at level t
+        z_s = perturb(sched, given, s, noise(given)) if given is not None else None    # drawn once per clip
 
-        def eps_u(x, t):
-            view = x if given is None else torch.where(m.bool(), sched.q_sample(given, t, at_t), x)
-            inp, level = network_input(view, None, torch.zeros_like(m), s, net.s_max)
+        def eps_u(x, t):        # every mask zero: z~ = z_t, the sampler's own latents, no condition (§3.3, Eq. 8)
+            inp, level = network_input(x, None, torch.zeros_like(m), s, net.s_max)
             return run(inp, t, level, stride)
 
-        def eps_c(x, t):
+        def eps_c(x, t):        # the first k (or the end) masks one: z~ = z_t (1 - m) + z_s m (Eq. 8)
             inp, level = network_input(x, z_s, m, s, net.s_max)
             return run(inp, t, level, stride)
 
-        eps_fn = eps_u if given is None else (guided(eps_c, eps_u, guidance, cfg_lvdm) if guidance else eps_c)
+        def eps_guided(x, t):
+            e_c, e_u = eps_c(x, t), eps_u(x, t)
+            # Eq. (9), (1 + w) eps_c - w eps_u, where the conditional pass saw the state; at the given latents it saw
+            # z_s instead, so there the state follows eps_u alone: the unconditional pass sees at every latent a
+            # latent it denoised itself, never the condition
+            return torch.where(m.bool(), e_u, cfg_lvdm(e_c, e_u, guidance))
+
+        eps_fn = eps_u if given is None else (eps_guided if guidance else eps_c)
     x_T = noise(torch.empty(shape))
     if sampler == "ddpm":
         z = ddpm_sample(eps_fn, x_T, sched, steps, noise_fn=noise)
