@@ -37,6 +37,7 @@ working path for this).
     python lvdm.py train --data ucf101 --data-root DIR --preset ucf256
 """
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +53,13 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
 from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
-from common.data import DATASETS, fixed_batch, make_dataset
+from common.data import DATASETS, StreamSampler, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample
 from common.errors import UserError
 from common.evaluate import evaluate_run
 from common.files import output_folder
 from common.gan import PatchGAN, adaptive_weight, frozen, hinge_d_loss, hinge_g_loss, started
-from common.lpips import perceptual_loss_or_none
+from common.lpips import load_lpips, perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
 from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
@@ -75,6 +76,8 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
+    train_split: str = flag("train", "videos to train on: the train split, or all of them, train and test (§4.1 for "
+                            "UCF-101 and TaiChi; a folder has no split)", choices=["train", "all"])
     steps: int = flag(600, "steps of the short (unconditional) diffusion model", lo=1)
     ae_steps: int = flag(600, "autoencoder steps", lo=1)
     pred_steps: int = flag(400, "steps of the prediction model (started from the short model)", lo=1)
@@ -132,13 +135,13 @@ PRESETS = {
     # the released UCF-101 configuration (official configs/videoae/ucf.yaml, configs/lvdm_short/ucf.yaml,
     # configs/lvdm_long/*): 16 x 256^2 -> 4 x 32^2 x 4, U-Net 548.9M. The step counts are ours (the configs give
     # epochs); the batch sizes are per process.
-    "ucf256": Config(data="ucf101", frames=16, resolution=256, steps=400_000, ae_steps=100_000, pred_steps=200_000,
+    "ucf256": Config(data="ucf101", train_split="all", frames=16, resolution=256, steps=400_000, ae_steps=100_000, pred_steps=200_000,
                      interp_steps=200_000, batch_size=2, ae_batch_size=1, ae_accumulate=2, lr=6e-5, ae_lr=3.6e-5,
                      sample_every=10_000, save_every=5_000, rec_loss="mse", disc_start=50_001, ae_ch=32,
                      ae_down_t=4, ae_down_s=8, disc_ch=64, disc_layers=3, ch=256, mult=(1, 2, 3, 4), blocks=3,
                      attn_ds=(2, 4, 8), heads=4, ema_decay=0.9999, grad_clip=0.0, checkpointing=True),
 }
-PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky")
+PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky", train_split="train")   # §4.1: its train split
 PRESETS["taichi256"] = dataclasses.replace(PRESETS["ucf256"], data="taichi", ae_lr=1.6e-5)   # frame stride 4
 # the model of the paper's Table 2 ("418+19"M): 2 ResBlocks per level and attention at all four levels
 PRESETS["table2"] = dataclasses.replace(PRESETS["ucf256"], blocks=2, attn_ds=(1, 2, 4, 8))
@@ -618,27 +621,74 @@ def load_autoencoder(run_dir, cfg: Config, device) -> Autoencoder3D:
 
 
 @torch.no_grad()
-def set_latent_stats(unet: UNet3D, ae: Autoencoder3D, data, device, batches=4, batch_size=8, seed=0):
-    """shift = -mean, scale = 1 / std of posterior samples of training clips, so that the diffused latents have
-    zero mean and unit variance (the official configs hard-code these per dataset, LVDM issue #10). Its own
-    generator: the same statistics whichever command computes them."""
+def set_latent_stats(unet: UNet3D, ae: Autoencoder3D, data, device, clips=32, batch_size=8, seed=0):
+    """shift = -mean, scale = 1 / std of posterior samples of `clips` training clips, so that the diffused latents
+    have zero mean and unit variance (the official configs hard-code these per dataset, LVDM issue #10). The clips
+    are the first that a training stream of this seed draws: random videos of the whole data set, each from a
+    random start frame. Its own generators: the same statistics whichever command computes them."""
+    keys = list(itertools.islice(StreamSampler(len(data), clips, seed=seed), clips))   # (index, item_seed)
     g = torch.Generator(device=device).manual_seed(seed)
-    z = torch.cat([ae.sample(fixed_batch(data, batch_size, start=i * batch_size)["video"].to(device), g).float()
-                   for i in range(batches)])
+    z = []
+    for a in range(0, clips, batch_size):
+        video = torch.stack([data[key]["video"] for key in keys[a:a + batch_size]]).to(device)
+        z.append(ae.sample(video, g).float())
+    z = torch.cat(z)
     unet.latent_shift.fill_(-z.mean().item())
     unet.latent_scale.fill_(1.0 / z.std().item())
     return unet.latent_shift.item(), unet.latent_scale.item()
+
+
+def perceptual_loss(cfg: Config, preset: str):
+    """LPIPS for the autoencoder's loss (§3.1), on the CPU. Without its weights the tiny demo trains on MSE alone
+    after a warning; a paper preset refuses to, as its autoencoder would not be the paper's."""
+    if not cfg.lpips_weight:
+        return None
+    if preset == "tiny":
+        return perceptual_loss_or_none("cpu")
+    try:
+        return load_lpips(device="cpu")
+    except UserError as e:
+        raise UserError(f"--preset {preset} trains the autoencoder with LPIPS as §3.1 does; {e}") from None
+
+
+class Joined(torch.utils.data.Dataset):
+    """Data sets one after the other, read as each of them is: by an int, or by a training key (index, item_seed)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, key):
+        index, item_seed = key if isinstance(key, (tuple, list)) else (key, None)
+        for part in self.parts:
+            if index < len(part):
+                return part[index if item_seed is None else (index, item_seed)]
+            index -= len(part)
+        raise IndexError(key)
+
+
+def training_data(cfg: Config, frames: int):
+    """Clips of `frames` frames from --train-split: the train split, or all videos (its train and test splits
+    joined), as §4.1 trains on UCF-101 and TaiChi ("Due to the limited number of videos ... we adopt the full
+    dataset") and on Sky Time-lapse's train split only."""
+    splits = ("train", "test") if cfg.train_split == "all" and cfg.data != "folder" else ("train",)
+    parts = [make_dataset(cfg.data, cfg.data_root, frames=frames, resolution=cfg.resolution, split=split,
+                          seed=cfg.seed) for split in splits]
+    return parts[0] if len(parts) == 1 else Joined(parts)
 
 
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    lpips = perceptual_loss(cfg, args.preset) if "ae" in stages else None     # missing weights: found before data
     l, ft = latents_per_clip(cfg), cfg.ae_down_t
-    data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
+    data = training_data(cfg, cfg.frames)
     # the prediction model reads key_stride clips' worth of frames, the interpolation model key_stride + 1 latents:
     # videos too short for them are found now, not after the stages before them have trained
-    long_clips = {name: make_dataset(cfg.data, cfg.data_root, frames=frames, resolution=cfg.resolution, seed=cfg.seed)
+    long_clips = {name: training_data(cfg, frames)
                   for name, frames in (("pred", cfg.frames * cfg.key_stride), ("interp", (cfg.key_stride + 1) * ft))
                   if name in stages}
     match = {k: getattr(cfg, k) for k in ARCH}     # what the run's checkpoints must share with this config
@@ -652,7 +702,7 @@ def train(args):
 
     # stage 1: the 3D autoencoder with its per-frame discriminator (§3.1)
     if "ae" in stages:
-        lpips = perceptual_loss_or_none(dev)
+        lpips = lpips.to(dev) if lpips is not None else None
         train_stage(run, "ae", gan, torch.optim.Adam(gan.parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9)),
                     lambda net, batch: net(batch["video"], cfg, lpips), data, steps=cfg.ae_steps,
                     batch_size=cfg.ae_batch_size, accumulate=cfg.ae_accumulate, find_unused_parameters=True,
@@ -662,7 +712,9 @@ def train(args):
         ae = load_autoencoder(run.dir, cfg, dev)
         with torch.no_grad():
             rec = ae.decode(ae.encode(held_out)[0])
-        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 8 held-out clips")
+        seen = " (trained on: --train-split all)" if cfg.train_split == "all" else ""
+        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 8 test-split "
+                  f"clips{seen}")
     if stages == ("ae",):
         return
     ae = load_autoencoder(run.dir, cfg, dev)

