@@ -3,6 +3,7 @@ conditioning and conditional latent perturbation as training and sampling both s
 hierarchical and autoregressive long videos, each stage's loss, and the command line."""
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -463,6 +464,114 @@ def test_long_videos_have_exactly_the_frames_asked_and_every_gap_is_interpolated
                                                                                        z[:, :, 2 * i + 2])
     for kw in pred[1:]:                           # each prediction clip is given the last latent so far
         assert kw["mask"].flatten().tolist() == [1, 0]
+
+
+# --- Oracle sampling: the real sampling path run by the closed-form optimal denoiser ---
+
+class Chain:
+    """The clips a sampling command must generate, in order, and the checks of what each network call receives.
+    A clip is (network, latent positions in the video, positions given in the clip, stride). zd (B, C, L, h, w):
+    the normalised latents of the one known video, the data set whose optimal denoiser is closed form."""
+
+    def __init__(self, sched, zd, clips, s, s_max):
+        self.sched, self.zd, self.clips, self.s, self.s_max = sched, zd, clips, s, s_max
+        self.clip, self.prev_t, self.log, self.z_s, self.state = -1, None, [], None, None
+
+    def eps(self, net, x, t, level, sparse):
+        step = int(t[0])
+        assert torch.equal(t, torch.full_like(t, step))
+        if step == self.sched.T - 1 and self.prev_t != step:        # every clip starts at the noisiest step
+            self.clip, self.z_s = self.clip + 1, None
+        self.prev_t = step
+        role, positions, given, stride = self.clips[self.clip]
+        assert net.role == role, (self.clip, net.role, role)
+        z0 = self.zd[:, :, positions]                                  # the latents this clip must become
+        if role == "short":
+            self.log.append((self.clip, "short", step))
+            return self.sched.predict_eps(x, t, z0)                    # eps* = (x_t - sqrt(ab_t) z0) / sqrt(1 - ab_t)
+        assert torch.equal(sparse, torch.full_like(sparse, stride))
+        x, m = x[:, :-1], x[:, -1:]
+        if not m.any():                                                # the unconditional pass
+            assert torch.equal(level, torch.full_like(level, self.s_max))
+            if given and self.state is not None:                      # the same state as the conditional pass...
+                other = [i for i in range(len(positions)) if i not in given]
+                assert torch.equal(x[:, :, other], self.state[:, :, other])
+                assert not torch.allclose(x[:, :, given], self.z_s)    # ...and nothing of the condition
+            self.log.append((self.clip, "u", step))
+            return self.sched.predict_eps(x, t, z0)
+        expect = torch.zeros(1, 1, len(positions), 1, 1)
+        expect[:, :, given] = 1
+        assert torch.equal(m, expect.expand_as(m)) and torch.equal(level, torch.full_like(level, self.s))
+        z_s = x[:, :, given]
+        if self.z_s is None:                                           # the given latents, perturbed to z_s
+            ab = self.sched.alpha_bar[self.s - 1].item() if self.s else 1.0      # Eq. (3), s counted from 1
+            noise = (z_s - ab ** 0.5 * z0[:, :, given]) / (1 - ab) ** 0.5
+            assert noise.abs().max() < 5 and abs(noise.mean()) < 0.3 and 0.7 < noise.std() < 1.3, noise.std()
+            self.z_s, self.noise = z_s, noise
+        assert torch.equal(z_s, self.z_s)                              # drawn once per clip
+        self.state = x
+        self.log.append((self.clip, "c", step))
+        eps = self.sched.predict_eps(x, t, z0)
+        eps[:, :, given] = self.noise                                  # the given latents' target: the noise of z_s
+        return eps
+
+
+class Oracle(lvdm.UNet3D):
+    """A U-Net (for its latent shift and scale) whose output is the chain's optimal eps."""
+
+    def __init__(self, cfg, role, chain):
+        super().__init__(cfg, conditional=role != "short")
+        self.role, self.chain = role, chain
+        self.latent_shift.fill_(0.5)
+        self.latent_scale.fill_(700.0)    # large latents: a condition perturbed to s - 1 or s + 1 shows
+
+    def forward(self, x, t, level=None, sparse=None):
+        return self.chain.eps(self, x, t, level, sparse)
+
+
+# (frames, mode, the clips of the chain, latents decoded) for clips of l = 3 latents, k = 1, key stride 2
+CHAINS = {
+    (8, "short"): ([("short", [0, 1, 2], [], None)], 3),
+    (12, "short"): ([("short", [0, 1, 2], [], None)], 3),
+    (32, "autoregressive"): ([("pred", [0, 1, 2], [], 0), ("pred", [2, 3, 4], [0], 0), ("pred", [4, 5, 6], [0], 0),
+                              ("pred", [6, 7, 8], [0], 0)], 8),
+    (32, "hierarchical"): ([("pred", [0, 2, 4], [], 1), ("pred", [4, 6, 8], [0], 1)]
+                           + [("interp", [i, i + 1, i + 2], [0, 2], 0) for i in (0, 2, 4, 6)], 9),
+}
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 1.0), ("ddpm", None)])
+@pytest.mark.parametrize("guidance", [0.0, 0.5])
+@pytest.mark.parametrize("frames,mode", list(CHAINS))
+def test_the_optimal_denoiser_samples_the_one_training_video_through_the_real_sampling_path(frames, mode, guidance,
+                                                                                            sampler, eta, monkeypatch):
+    """On a data set of one video the optimal denoiser is closed form. Run by it, `generate` (what `sample` and
+    `eval` call: the short model, or prediction and interpolation clips chained, guidance, conditional latent
+    perturbation at s = 100, normalisation, chunked decoding) must return that video to float precision; each
+    call checks that it gets its clip's condition (mask, level, stride, the right latents perturbed to s) and,
+    for guidance, that the unconditional pass sees the state and no condition."""
+    if mode == "short" and guidance:
+        pytest.skip("the short model has no condition to guide")
+    torch.manual_seed(0)
+    cfg = small(frames=12, resolution=16, cond_latents=1, key_stride=2)
+    sched = schedule(cfg)
+    ae = randomize(lvdm.Autoencoder3D(cfg), seed=3).eval()
+    Z = torch.randn(2, cfg.z_channels, 9, 4, 4) * 0.3 + 1.0          # the known video's latents
+    clips, decoded = CHAINS[frames, mode]
+    chain = Chain(sched, 700.0 * (Z + 0.5), clips, 100, cfg.cond_noise_max)
+    models = {role: Oracle(cfg, role, chain).eval() for role in ("short", "pred", "interp")}
+    monkeypatch.setattr(lvdm, "to_uint8", lambda v: v.float().permute(0, 2, 3, 4, 1).numpy())   # floats out
+    args = SimpleNamespace(steps=3, sampler=sampler, eta=eta, mode=mode, guidance=guidance, cond_noise=100)
+    videos = lvdm.generate(models, ae, sched, cfg, args, n=2, frames=frames, seed=0, device="cpu", dtype=None)
+    with torch.no_grad():
+        expect = ae.decode(Z[:, :, :decoded])[:, :, :frames].permute(0, 2, 3, 4, 1).numpy()
+    assert videos.shape == expect.shape == (2, frames, 16, 16, 3)
+    assert np.abs(videos - expect).max() < 1e-4 * np.abs(expect).max()
+    for i, (role, _, given, _) in enumerate(clips):                  # every clip, each step, each pass once
+        kinds = ["short"] if role == "short" else ["c", "u"] if given and guidance else ["c"] if given else ["u"]
+        assert [(c, k, step) for c, k, step in chain.log if c == i] == [(i, k, step) for step in (999, 500, 0)
+                                                                         for k in kinds]
+    assert chain.clip == len(clips) - 1
 
 
 # --- The command line ---
