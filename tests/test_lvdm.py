@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lvdm
 from common.diffusion import Schedule
@@ -116,6 +117,74 @@ def test_reconstruction_loss_is_mse_as_the_paper_states_or_l1_as_the_official_co
         assert torch.allclose(out["loss"], expect) and torch.allclose(out[kind], expect)
 
 
+def test_each_autoencoder_loss_term_reaches_only_its_own_weights_with_its_own_coefficient():
+    """Gradients, not values: d loss / d autoencoder = d rec + kl_weight d KL + lambda d g with VQGAN's lambda held
+    constant (x disc_weight); d loss / d discriminator = d of the hinge loss alone, the generator term reaching no
+    discriminator weight. Every term recomputed here from its definition."""
+    torch.manual_seed(0)
+    cfg = small(disc_start=0, disc_weight=0.5, kl_weight=0.3, rec_loss="mse")
+    model = lvdm.AdversarialAE(cfg)
+    x = torch.rand(2, 3, 4, 16, 12) * 2 - 1
+    ae, disc = list(model.ae.parameters()), list(model.disc.parameters())
+    torch.manual_seed(1)
+    loss = lvdm.ae_loss(model, x, cfg)["loss"]
+    got_ae, got_d = torch.autograd.grad(loss, ae, retain_graph=True), torch.autograd.grad(loss, disc)
+    torch.manual_seed(1)
+    mean, logvar = model.ae.encode(x)
+    x_hat = model.ae.decode(mean + (0.5 * logvar).exp() * torch.randn_like(mean))
+    frames = lambda v: v.transpose(1, 2).reshape(-1, 3, *v.shape[-2:])              # noqa: E731 (b t) c h w
+    rec = (x_hat - x).pow(2).mean()
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+    g = -model.disc(frames(x_hat))[0].mean()
+    last = model.ae.conv_out.conv.weight
+    lam = 0.5 * (torch.autograd.grad(rec, last, retain_graph=True)[0].norm()
+                 / (torch.autograd.grad(g, last, retain_graph=True)[0].norm() + 1e-4))
+    d = 0.5 * (torch.relu(1 - model.disc(frames(x))[0]).mean() + torch.relu(1 + model.disc(frames(x_hat.detach()))[0])
+               .mean())
+    want_ae = torch.autograd.grad(rec + 0.3 * kl + lam.detach() * g, ae, retain_graph=True)
+    want_d = torch.autograd.grad(d, disc)
+    for a, b in zip((*got_ae, *got_d), (*want_ae, *want_d)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7 * b.abs().max().item())
+
+
+def replicate_same_conv(conv, x, transposed):
+    """The reference: pad by indexing with clamped positions (repeat padding, §3.1), k - s per axis with the extra
+    one in front, then the bare convolution (a transposed one crops k - 1 per side)."""
+    k, st = conv.kernel_size, conv.stride
+    for axis, (kk, ss) in enumerate(zip(k, st)):
+        front, back = (kk - ss + 1) // 2, (kk - ss) // 2
+        n = x.shape[2 + axis]
+        index = torch.arange(-front, n + back).clamp(0, n - 1)
+        x = x.index_select(2 + axis, index)
+    if transposed:
+        return F.conv_transpose3d(x, conv.weight, conv.bias, st, padding=tuple(kk - 1 for kk in k))
+    return F.conv3d(x, conv.weight, conv.bias, st)
+
+
+def test_every_encoder_and_decoder_convolution_repeats_its_border_on_t_h_and_w():
+    """Module by module, the decoder's as well as the encoder's, on a clip with T, H and W all different; and no
+    convolution of the autoencoder pads by itself (every padded one sits in a SamePad wrapper)."""
+    torch.manual_seed(0)
+    ae = randomize(lvdm.Autoencoder3D(small(ae_down_s=4)))
+    wrapped = {id(m.conv) for m in ae.modules() if isinstance(m, (lvdm.SamePadConv3d, lvdm.SamePadConvTranspose3d))}
+    convs = [m for m in ae.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert all(id(m) in wrapped or m.kernel_size == (1, 1, 1) for m in convs)
+    assert all(m.padding == (0, 0, 0) for m in convs if isinstance(m, torch.nn.Conv3d))
+    seen = {"encoder": 0, "decoder": 0}
+    for part in ("encoder", "decoder"):
+        for m in [*getattr(ae, part).modules(), *([ae.conv_out] if part == "decoder" else [])]:
+            if isinstance(m, (lvdm.SamePadConv3d, lvdm.SamePadConvTranspose3d)):
+                transposed = isinstance(m, lvdm.SamePadConvTranspose3d)
+                x = torch.randn(1, m.conv.in_channels, 4, 6, 8)
+                with torch.no_grad():
+                    out, want = m(x), replicate_same_conv(m.conv, x, transposed)
+                size = [n * f if transposed else n // f for n, f in zip(x.shape[2:], m.conv.stride)]
+                assert list(out.shape[2:]) == size                  # exactly stride x (or 1 / stride x) the input
+                assert torch.allclose(out, want, atol=1e-5)
+                seen[part] += 1
+    assert seen["encoder"] >= 6 and seen["decoder"] >= 8            # every conv of both halves was checked
+
+
 # --- §3.2 the 3D U-Net ---
 
 def test_the_released_unet_has_548_9m_parameters_and_the_table_2_one_418_1m():
@@ -163,6 +232,79 @@ def test_temporal_attention_knows_the_order_of_the_frames():
     assert torch.allclose(att(x[:, :, perm]), att(x)[:, :, perm], atol=1e-5)   # without them it is a set
 
 
+def qkv_heads(att, x, heads):
+    """q, k, v per channel of the module's 1x1x1 qkv conv on its GroupNorm, split as (three, heads, d) channels:
+    (B, C, T, H, W) -> three of (B, heads, d, T, H, W)."""
+    h = att.norm(x)
+    w, b = att.qkv.weight[:, :, 0, 0, 0], att.qkv.bias
+    qkv = torch.einsum("oc,bcthw->bothw", w, h) + b[None, :, None, None, None]
+    B, C3, T, H, W = qkv.shape
+    return qkv.reshape(B, 3, heads, C3 // 3 // heads, T, H, W).unbind(1)
+
+
+def project_out(att, o, x):
+    """The zero-initialised 1x1x1 output conv, and the residual: o (B, C, T, H, W)."""
+    return x + torch.einsum("oc,bcthw->bothw", att.out.weight[:, :, 0, 0, 0], o) + att.out.bias[None, :, None, None,
+                                                                                                None]
+
+
+def slow_spatial_attention(att, x):
+    """For each clip b, frame t and head: softmax over every pixel (y', x') of the frame of q . k / sqrt(d)."""
+    q, k, v = qkv_heads(att, x, att.heads)
+    B, heads, d, T, H, W = q.shape
+    o = torch.zeros(B, heads, d, T, H, W, dtype=x.dtype)
+    for b in range(B):
+        for t in range(T):
+            for n in range(heads):
+                for y in range(H):
+                    for xx in range(W):
+                        logits = torch.einsum("d,dyx->yx", q[b, n, :, t, y, xx], k[b, n, :, t]) / d ** 0.5  # (H, W)
+                        p = logits.flatten().softmax(0).reshape(H, W)
+                        o[b, n, :, t, y, xx] = torch.einsum("yx,dyx->d", p, v[b, n, :, t])
+    return project_out(att, o.reshape(B, heads * d, T, H, W), x)
+
+
+def slow_temporal_attention(att, x):
+    """For each pixel (y, x) and head: direct_relative_attention over the T latents."""
+    q, k, v = qkv_heads(att, x, att.heads)
+    B, heads, d, T, H, W = q.shape
+    o = torch.zeros(B, heads, d, T, H, W, dtype=x.dtype)
+    for b in range(B):
+        for y in range(H):
+            for xx in range(W):
+                seq = [a[b, :, :, :, y, xx].transpose(-1, -2)[None] for a in (q, k, v)]     # (1, heads, T, d)
+                out = direct_relative_attention(*seq, att.rel_k, att.rel_v, att.max_dist)
+                o[b, :, :, :, y, xx] = out[0].transpose(-1, -2)
+    return project_out(att, o.reshape(B, heads * d, T, H, W), x)
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_attention_equals_a_slow_loop_in_values_and_gradients_on_a_clip_with_t_h_w_all_different(kind):
+    """T = 3, H = 4, W = 5: an einops pattern that moved an axis, or wrote the result back transposed, shows."""
+    torch.manual_seed(0)
+    att = (lvdm.SpatialAttention(8, 2) if kind == "spatial" else lvdm.TemporalAttention(8, 2, 1)).double()
+    randomize(att)
+    slow = slow_spatial_attention if kind == "spatial" else slow_temporal_attention
+    x = torch.randn(2, 8, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    w = torch.randn(2, 8, 3, 4, 5, dtype=torch.double)
+    got, want = att(x), slow(att, x)
+    assert torch.allclose(got, want, atol=1e-10)
+    params = [x, *att.parameters()]
+    for a, b in zip(torch.autograd.grad((got * w).sum(), params), torch.autograd.grad((want * w).sum(), params)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_relative_attention_gradients_equal_the_slow_loops():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 3, 5, 4, dtype=torch.double, requires_grad=True).unbind(0)
+    rel = torch.randn(2, 2 * 2 + 1, 4, dtype=torch.double, requires_grad=True)
+    w = torch.randn(2, 3, 5, 4, dtype=torch.double)
+    leaves = [q, k, v, rel]
+    fast = torch.autograd.grad((lvdm.relative_attention(q, k, v, rel[0], rel[1], 2) * w).sum(), leaves)
+    slow = torch.autograd.grad((direct_relative_attention(q, k, v, rel[0], rel[1], 2) * w).sum(), leaves)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(fast, slow))
+
+
 # --- §3.3 mask-channel conditioning and conditional latent perturbation ---
 
 def test_the_given_latent_enters_as_z_s_with_its_mask_and_the_rest_as_z_t():
@@ -202,6 +344,91 @@ def test_the_conditional_loss_regresses_each_latents_own_noise():
     x = rec.calls[0][0]
     assert torch.allclose(x[:, :4, 0], lvdm.perturb(sched, z0, s, eps_s)[:, :, 0])
     assert torch.allclose(x[:, :4, 1], sched.q_sample(z0, t, eps_t)[:, :, 1])
+
+
+class Output(torch.nn.Module):
+    """A 'network' whose output is one learnable tensor: the loss's gradient with respect to the output is read off
+    its .grad."""
+    conditional, s_max = True, 250
+
+    def __init__(self, shape):
+        super().__init__()
+        self.out = torch.nn.Parameter(torch.randn(shape))
+
+    def forward(self, x, t, level=None, sparse=None):
+        self.t, self.level = t, level
+        return self.out
+
+
+@pytest.mark.parametrize("kind", ["l2", "l1"])
+def test_the_conditional_loss_gradient_pulls_each_latent_towards_its_own_noise(kind):
+    """d loss / d eps_theta = 2 (eps_theta - target) / N (L2, Eq. 7) or sign(eps_theta - target) / N (L1), the
+    target eps_s where given and eps_t elsewhere."""
+    cfg = small(p_cond_interp=1.0, diffusion_loss=kind)
+    sched = schedule(cfg)
+    z0 = torch.randn(2, 4, 3, 4, 5)
+    net = Output(z0.shape)
+    torch.manual_seed(5)
+    lvdm.cond_loss(net, sched, z0, cfg, "interp", torch.zeros(2, dtype=torch.long)).backward()
+    torch.manual_seed(5)
+    torch.randint(0, sched.T, (2,)), torch.randint(0, cfg.cond_noise_max, (2,))
+    eps_t, eps_s = torch.randn_like(z0), torch.randn_like(z0)
+    given = torch.tensor([1.0, 0.0, 1.0]).reshape(1, 1, 3, 1, 1)
+    diff = net.out.detach() - (given * eps_s + (1 - given) * eps_t)
+    want = 2 * diff / diff.numel() if kind == "l2" else diff.sign() / diff.numel()
+    assert torch.allclose(net.out.grad, want, atol=1e-7)
+
+
+def test_drawn_timesteps_and_condition_levels_cover_their_whole_range():
+    """t in 0..T-1 (both ends reachable) for both losses, s in 0..s_max-1 (s = 0: the clean latent)."""
+    cfg = small(p_cond_pred=1.0)
+    sched = schedule(cfg)
+    z0 = torch.zeros(20_000, 1, 2, 1, 1)
+    torch.manual_seed(0)
+    net = Output(z0.shape)
+    lvdm.short_loss(net, sched, z0, cfg)
+    assert (net.t.min().item(), net.t.max().item()) == (0, sched.T - 1)
+    lvdm.cond_loss(net, sched, z0, cfg, "pred", torch.zeros(len(z0), dtype=torch.long))
+    assert (net.t.min().item(), net.t.max().item()) == (0, sched.T - 1)
+    assert (net.level.min().item(), net.level.max().item()) == (0, cfg.cond_noise_max - 1)
+
+
+def test_a_training_example_is_conditional_exactly_when_its_draw_is_below_p_c(monkeypatch):
+    """The threshold at its boundary: a draw equal to p_c is unconditional (u < p_c, u uniform on [0, 1)); the mask
+    gives exactly the first k latents for k = 1 and k = l - 1, the first and the last for interpolation."""
+    draws = torch.tensor([0.0, 0.3 - 1e-6, 0.3, 0.9])
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: draws.clone())
+    keep = lvdm.condition_mask("pred", 4, 5, 1, 0.3, "cpu")[:, 0, 0, 0, 0]
+    assert keep.tolist() == [1, 1, 0, 0]
+    for k in (1, 4):
+        m = lvdm.condition_mask("pred", 4, 5, k, 1.0, "cpu")
+        assert m[0].flatten().tolist() == [1] * k + [0] * (5 - k)
+    assert lvdm.condition_mask("interp", 4, 5, 1, 1.0, "cpu")[3].flatten().tolist() == [1, 0, 0, 0, 1]
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.zeros(4))
+    assert not lvdm.condition_mask("pred", 4, 5, 1, 0.0, "cpu").any()            # p_c = 0: never, even for u = 0
+
+
+def test_prediction_clips_start_anywhere_the_clip_fits_and_keyframes_are_key_stride_apart():
+    z = torch.arange(7.0).reshape(1, 1, 7, 1, 1).repeat(3000, 1, 1, 1, 1)
+    torch.manual_seed(0)
+    clips = lvdm.key_clips(z, 3, 3, torch.zeros(3000, dtype=torch.long))[:, 0, :, 0, 0]
+    assert sorted(set(clips[:, 0].tolist())) == [0, 1, 2, 3, 4]                  # the last start: L - l
+    assert torch.equal(clips - clips[:, :1], torch.arange(3.0).expand(3000, 3))
+    keys = lvdm.key_clips(z, 3, 3, torch.ones(3000, dtype=torch.long))[:, 0, :, 0, 0]
+    assert torch.equal(keys, torch.tensor([0.0, 3, 6]).expand(3000, 3))
+
+
+@pytest.mark.parametrize("l,k,ks", [(3, 1, 2), (4, 1, 4), (4, 3, 2)])
+def test_plan_is_the_fewest_keyframes_and_clips_that_cover_the_video(l, k, ks):
+    """For every length up to 40 latents, against a search: the fewest keyframes K with (K - 1) ks + 1 >= L (every
+    one of L latents for autoregressive), the fewest prediction clips with l + (n - 1)(l - k) >= K, K - 1 gaps."""
+    cfg = small(frames=4 * l, cond_latents=k, key_stride=ks)
+    for frames in range(1, 161):
+        L = -(-frames // 4)
+        for mode in ("hierarchical", "autoregressive"):
+            K = L if mode == "autoregressive" else next(K for K in range(1, L + 1) if (K - 1) * ks + 1 >= L)
+            n = next(n for n in range(1, K + 1) if l + (n - 1) * (l - k) >= K)
+            assert lvdm.plan(frames, cfg, mode) == (L, K, n, K - 1 if mode == "hierarchical" else 0), (frames, mode)
 
 
 def test_with_every_mask_zero_the_given_latents_and_their_level_do_not_matter():
@@ -415,6 +642,128 @@ def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch(stage):
         loss.backward()
         opt.step()
     assert evaluate() < before
+
+
+# --- Every block contributes ---
+
+def step_grads(model, loss_fn):
+    """The gradients of one training step at generic weights (randomize: a zero-initialised layer would cut every
+    weight before it off, as it does at the first steps of training)."""
+    randomize(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss_fn().backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("stage", ["ae", "short", "pred"])
+def test_one_training_step_gives_every_trained_parameter_a_gradient(stage):
+    """Every weight of the autoencoder, its discriminator (from --disc-start on) and both U-Nets: one that gets no
+    gradient is built but never used, or cut off from the loss."""
+    torch.manual_seed(0)
+    cfg = small(disc_start=0, kl_weight=0.1)
+    sched = schedule(cfg)
+    if stage == "ae":
+        model = lvdm.AdversarialAE(cfg)
+        x = torch.rand(2, 3, 4, 16, 12) * 2 - 1
+
+        def loss():
+            with torch.no_grad():   # some logits beyond the hinge's margin: inside it the two terms' gradients on
+                model.disc.layers[-1].weight.mul_(20)                    # the last bias cancel exactly
+            return lvdm.ae_loss(model, x, cfg)["loss"]
+        grads = step_grads(model, loss)
+    else:
+        model = lvdm.UNet3D(cfg, conditional=stage == "pred")
+        z0 = torch.randn(8, 4, 3, 4, 4)
+        loss = (lambda: lvdm.short_loss(model, sched, z0, cfg)) if stage == "short" else \
+            (lambda: lvdm.cond_loss(model, sched, z0, cfg, "pred", torch.arange(8) % 2))
+        grads = step_grads(model, loss)
+    dead = [name for name, g in grads.items() if g is None or not g.abs().sum() > 0]
+    assert not dead, dead
+    if stage == "pred":                          # both strides, the no-condition level and some levels s
+        assert grads["stride_emb.weight"].abs().sum(1).gt(0).all()
+        assert grads["level_emb.weight"][cfg.cond_noise_max].abs().sum() > 0
+
+
+def resblock_inputs(net, *args):
+    """net(*args), and the (input, embedding) that each ResBlock received, in order."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach(), a[1].detach())))
+             for m in net.modules() if isinstance(m, lvdm.ResBlock)]
+    out = net(*args)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def test_every_resblock_receives_t_s_and_stride_and_its_output_depends_on_them():
+    """Adaptive group norm carries the embedding into every ResBlock (§3.2): each one's embedding changes with t,
+    with the condition level s and with the stride, and its output, at the input it was given, moves with it."""
+    torch.manual_seed(0)
+    cfg = small()
+    net = randomize(lvdm.UNet3D(cfg, conditional=True)).eval()
+    x = torch.randn(2, 5, 3, 4, 4)
+    base = (torch.tensor([10, 500]), torch.tensor([3, 250]), torch.tensor([0, 1]))
+    _, ref = resblock_inputs(net, x, *base)
+    n = sum(isinstance(m, lvdm.ResBlock) for m in net.modules())
+    assert len(ref) == n == 2 * cfg.blocks * len(cfg.mult) + len(cfg.mult) + 2     # down, up and the middle two
+    for i, changed in enumerate([(torch.tensor([11, 501]), *base[1:]), (base[0], torch.tensor([4, 100]), base[2]),
+                                 (*base[:2], torch.tensor([1, 0]))]):
+        _, other = resblock_inputs(net, x, *changed)
+        for (m, _, emb), (_, _, emb2) in zip(ref, other):
+            assert (emb - emb2).abs().amax(1).gt(1e-6).all(), (i, m)
+    for m, h, emb in ref:
+        emb = emb.clone().requires_grad_()
+        grad = torch.autograd.grad(m(h, emb).sum(), emb)[0]
+        assert grad.abs().amax(1).gt(0).all(), m
+
+
+def test_the_output_depends_on_the_mask_channel_and_on_each_given_latent():
+    torch.manual_seed(0)
+    cfg = small()
+    net = randomize(lvdm.UNet3D(cfg, conditional=True)).eval()
+    x = torch.randn(2, 5, 3, 4, 4, requires_grad=True)
+    out = net(x, torch.tensor([10, 500]), torch.tensor([3, 250]), torch.tensor([0, 1]))
+    grad = torch.autograd.grad(out.sum(), x)[0]
+    assert grad[:, 4].abs().amax((1, 2, 3)).gt(0).all() and grad[:, :4].abs().amax((0, 1, 3, 4)).gt(0).all()
+
+
+def test_removing_any_one_block_of_the_unet_changes_its_output():
+    """Each ResBlock (cut to its skip path), spatial and temporal attention (cut to identity) at every level and in
+    the middle: a block that is built but never runs, or whose result is dropped, leaves the output as it was."""
+    torch.manual_seed(0)
+    cfg = small()
+    net = randomize(lvdm.UNet3D(cfg, conditional=True)).eval()
+    x, args = torch.randn(2, 5, 3, 4, 4), (torch.tensor([10, 500]), torch.tensor([3, 250]), torch.tensor([0, 1]))
+    with torch.no_grad():
+        ref = net(x, *args)
+        blocks = [m for m in net.modules() if isinstance(m, (lvdm.ResBlock, lvdm.SpatialAttention,
+                                                               lvdm.TemporalAttention))]
+        assert len(blocks) == 8 + 2 * 7                 # 8 ResBlocks, factorized attention after 7 of them
+        for m in blocks:
+            cut = (lambda m, a, o: m.skip(a[0])) if isinstance(m, lvdm.ResBlock) else (lambda m, a, o: a[0])
+            hook = m.register_forward_hook(cut)
+            out = net(x, *args)
+            hook.remove()
+            assert (out - ref).abs().max() > 1e-3 * ref.abs().max(), m
+
+
+def test_removing_any_one_block_of_the_autoencoder_changes_its_latent_or_its_reconstruction():
+    torch.manual_seed(0)
+    ae = randomize(lvdm.Autoencoder3D(small())).eval()
+    x = torch.rand(1, 3, 8, 16, 12) * 2 - 1
+    with torch.no_grad():
+        ref_z = ae.encode(x)[0]
+        ref = ae.decode(ref_z)
+        blocks = [m for m in ae.modules() if isinstance(m, lvdm.ResBlock3d)]
+        assert len(blocks) == 2 + 4                     # one per encoder stage, two per decoder stage
+        for m in blocks:
+            hook = m.register_forward_hook(lambda m, a, o: a[0])
+            z = ae.encode(x)[0]
+            out = ae.decode(ref_z)
+            hook.remove()
+            assert (z - ref_z).abs().max() > 1e-3 * ref_z.abs().max() or (out - ref).abs().max() > 1e-3 * \
+                ref.abs().max(), m
 
 
 # --- Long videos ---
