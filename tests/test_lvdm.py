@@ -165,7 +165,7 @@ def test_every_encoder_and_decoder_convolution_repeats_its_border_on_t_h_and_w()
     """Module by module, the decoder's as well as the encoder's, on a clip with T, H and W all different; and no
     convolution of the autoencoder pads by itself (every padded one sits in a SamePad wrapper)."""
     torch.manual_seed(0)
-    ae = randomize(lvdm.Autoencoder3D(small(ae_down_s=4)))
+    ae = randomize(lvdm.Autoencoder3D(small(ae_down_s=8)))          # a (1, 2, 2) stride: k - s = 3 pads 2 then 1
     wrapped = {id(m.conv) for m in ae.modules() if isinstance(m, (lvdm.SamePadConv3d, lvdm.SamePadConvTranspose3d))}
     convs = [m for m in ae.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
     assert all(id(m) in wrapped or m.kernel_size == (1, 1, 1) for m in convs)
@@ -182,7 +182,7 @@ def test_every_encoder_and_decoder_convolution_repeats_its_border_on_t_h_and_w()
                 assert list(out.shape[2:]) == size                  # exactly stride x (or 1 / stride x) the input
                 assert torch.allclose(out, want, atol=1e-5)
                 seen[part] += 1
-    assert seen["encoder"] >= 6 and seen["decoder"] >= 8            # every conv of both halves was checked
+    assert seen["encoder"] >= 8 and seen["decoder"] >= 11           # every conv of both halves was checked
 
 
 # --- §3.2 the 3D U-Net ---
@@ -197,6 +197,26 @@ def test_the_released_unet_has_548_9m_parameters_and_the_table_2_one_418_1m():
 def test_the_unet_has_no_temporal_convolution():
     convs = [m for m in lvdm.UNet3D(small()).modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(m.kernel_size[0] == 1 for m in convs)
+
+
+def test_a_resblock_is_adaptive_group_norm_as_written():
+    """out = skip(x) + conv2(SiLU(GN(h) (1 + scale) + shift)), h = conv1(SiLU(GN(x))), (scale, shift) the two halves
+    of a linear map of SiLU(emb) (ADM's scale-shift norm, §3.2), each conv 1x3x3, on T, H, W all different."""
+    torch.manual_seed(0)
+    block = randomize(lvdm.ResBlock(8, 12, 16, 0.0)).double()
+    x, emb = torch.randn(2, 8, 3, 4, 5, dtype=torch.double), torch.randn(2, 16, dtype=torch.double)
+
+    def conv133(conv, v):                      # a 2D 3x3 conv on every frame
+        return torch.stack([F.conv2d(v[:, :, t], conv.weight[:, :, 0], conv.bias, padding=1)
+                            for t in range(v.shape[2])], 2)
+
+    gn = lambda m, v: F.group_norm(v, m.num_groups, m.weight, m.bias, m.eps)       # noqa: E731 over (C/g, T, H, W)
+    h = conv133(block.conv1, F.silu(gn(block.norm1, x)))
+    e = F.silu(emb) @ block.emb.weight.T + block.emb.bias
+    scale, shift = e[:, :12, None, None, None], e[:, 12:, None, None, None]
+    h = conv133(block.conv2, F.silu(gn(block.norm2, h) * (1 + scale) + shift))
+    skip = torch.einsum("oc,bcthw->bothw", block.skip.weight[:, :, 0, 0, 0], x) + block.skip.bias[:, None, None, None]
+    assert torch.allclose(block(x, emb), skip + h, atol=1e-10)
 
 
 def direct_relative_attention(q, k, v, rel_k, rel_v, L):
@@ -679,6 +699,14 @@ def test_one_training_step_gives_every_trained_parameter_a_gradient(stage):
             (lambda: lvdm.cond_loss(model, sched, z0, cfg, "pred", torch.arange(8) % 2))
         grads = step_grads(model, loss)
     dead = [name for name, g in grads.items() if g is None or not g.abs().sum() > 0]
+    assert not dead, dead
+    # and every output unit of every layer (a conv's output channel, a linear's row: half of adaptive group norm's
+    # scale and shift, say), but for the tables only some of whose rows a batch looks up, and attention's qkv bias,
+    # whose key third adds the same logit to every key of a query (softmax ignores it)
+    tables = {name for name, _ in model.named_parameters() if name.endswith(("_emb.weight", "rel_k", "rel_v",
+                                                                                 "qkv.bias"))}
+    dead = [name for name, g in grads.items() if name not in tables and g.dim() and
+            not g.reshape(len(g), -1).abs().sum(1).gt(0).all()]
     assert not dead, dead
     if stage == "pred":                          # both strides, the no-condition level and some levels s
         assert grads["stride_emb.weight"].abs().sum(1).gt(0).all()
