@@ -12,23 +12,24 @@ Implemented here, all of it:
   §3.1 the 3D autoencoder: 3D convolutions with replicate "same" padding on t, h and w (shift-equivariant in
        time), the official encoder/decoder layout (19.4M parameters at the paper's size); MSE + LPIPS as the paper
        states (`--rec-loss l1` for the official code's L1), a per-frame 2D PatchGAN with hinge loss and VQGAN's
-       adaptive weight from `--disc-start` on; latent shift and scale computed from training latents
+       adaptive weight from `--disc-start` on (LPIPS required by the paper presets); latent shift and scale
+       computed from random training clips
   §3.2 the 3D U-Net: 1x3x3 convolutions only, adaptive group norm carrying the timestep, factorized attention
        (spatial over H*W, then temporal over T with learned relative positions) at the official levels
   §3.3 mask-channel conditioning (Eq. 8), prediction and interpolation models started from the short one,
        joint conditional/unconditional training, conditional latent perturbation (s < s_max = 250 in training,
        s = 100 in sampling), unconditional guidance (Eq. 9), hierarchical and autoregressive long videos
+  §4.1 the full UCF-101 and TaiChi (train and test splits, `--train-split all`), Sky Time-lapse's train split
 What differs from the official code (github.com/YingqingHe/LVDM), each on purpose: the temporal attention adds its
 relative-position logits untransposed and scaled as q.k (the official einsum adds them transposed); every gap
 between keyframes is interpolated (the official loop fills one in three and returns ~1/3 of the frames asked for);
 the unconditional guidance pass sees the sampler's own latents everywhere, none of the given ones (the official
 one sees the given latents as z_s, written into its state, with an all-zero mask), and the same "no condition"
 embedding that unconditional training examples get (the official one gets none); with guidance, the sampler's
-state at the given latents follows that pass alone;
-the prediction model also learns dense (stride-1) clips, told apart by a stride embedding, so that one run
-serves both `--mode autoregressive` and `--mode hierarchical`; pred and interp start from the short model's EMA
-weights with a zero-initialised mask input channel and zero-initialised embeddings (the official code has no
-working path for this).
+state at the given latents follows that pass alone; the prediction model also learns dense (stride-1) clips,
+told apart by a stride embedding, so that one run serves both `--mode autoregressive` and `--mode hierarchical`;
+pred and interp start from the short model's EMA weights with a zero-initialised mask input channel and
+zero-initialised embeddings (the official code has no working path for this).
 
     python lvdm.py train                                    # tiny demo on synthetic videos, CPU, < 10 minutes
     python lvdm.py sample                                   # 8 short clips from the unconditional model
@@ -135,9 +136,9 @@ PRESETS = {
     # the released UCF-101 configuration (official configs/videoae/ucf.yaml, configs/lvdm_short/ucf.yaml,
     # configs/lvdm_long/*): 16 x 256^2 -> 4 x 32^2 x 4, U-Net 548.9M. The step counts are ours (the configs give
     # epochs); the batch sizes are per process.
-    "ucf256": Config(data="ucf101", train_split="all", frames=16, resolution=256, steps=400_000, ae_steps=100_000, pred_steps=200_000,
-                     interp_steps=200_000, batch_size=2, ae_batch_size=1, ae_accumulate=2, lr=6e-5, ae_lr=3.6e-5,
-                     sample_every=10_000, save_every=5_000, rec_loss="mse", disc_start=50_001, ae_ch=32,
+    "ucf256": Config(data="ucf101", train_split="all", frames=16, resolution=256, steps=400_000, ae_steps=100_000,
+                     pred_steps=200_000, interp_steps=200_000, batch_size=2, ae_batch_size=1, ae_accumulate=2, lr=6e-5,
+                     ae_lr=3.6e-5, sample_every=10_000, save_every=5_000, rec_loss="mse", disc_start=50_001, ae_ch=32,
                      ae_down_t=4, ae_down_s=8, disc_ch=64, disc_layers=3, ch=256, mult=(1, 2, 3, 4), blocks=3,
                      attn_ds=(2, 4, 8), heads=4, ema_decay=0.9999, grad_clip=0.0, checkpointing=True),
 }

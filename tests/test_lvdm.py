@@ -1094,6 +1094,8 @@ def test_train_split_all_trains_on_train_and_test_videos_as_section_4_1(tmp_path
     assert sum(len(part) for part in ucf.parts) == len(ucf) == 4 + 1            # trainlist01 and testlist01
     with pytest.raises(IndexError):
         full[(2, (0, 1))]
+    with pytest.raises(UserError, match=r"--train-split: invalid choice: '?test'? \(choose from '?train'?, '?all'?\)"):
+        lvdm.cli(["train", "--train-split", "test", "--run", str(tmp_path / "r")])
 
 
 @pytest.mark.gpu
