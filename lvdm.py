@@ -12,21 +12,24 @@ Implemented here, all of it:
   §3.1 the 3D autoencoder: 3D convolutions with replicate "same" padding on t, h and w (shift-equivariant in
        time), the official encoder/decoder layout (19.4M parameters at the paper's size); MSE + LPIPS as the paper
        states (`--rec-loss l1` for the official code's L1), a per-frame 2D PatchGAN with hinge loss and VQGAN's
-       adaptive weight from `--disc-start` on; latent shift and scale computed from training latents
+       adaptive weight from `--disc-start` on (LPIPS required by the paper presets); latent shift and scale
+       computed from random training clips
   §3.2 the 3D U-Net: 1x3x3 convolutions only, adaptive group norm carrying the timestep, factorized attention
        (spatial over H*W, then temporal over T with learned relative positions) at the official levels
   §3.3 mask-channel conditioning (Eq. 8), prediction and interpolation models started from the short one,
        joint conditional/unconditional training, conditional latent perturbation (s < s_max = 250 in training,
        s = 100 in sampling), unconditional guidance (Eq. 9), hierarchical and autoregressive long videos
+  §4.1 the full UCF-101 and TaiChi (train and test splits, `--train-split all`), Sky Time-lapse's train split
 What differs from the official code (github.com/YingqingHe/LVDM), each on purpose: the temporal attention adds its
 relative-position logits untransposed and scaled as q.k (the official einsum adds them transposed); every gap
 between keyframes is interpolated (the official loop fills one in three and returns ~1/3 of the frames asked for);
-the unconditional guidance pass sees the noisy latents without the condition and with the same "no condition"
-embedding that unconditional training examples get (the official one sees the condition, and no embedding);
-the prediction model also learns dense (stride-1) clips, told apart by a stride embedding, so that one run
-serves both `--mode autoregressive` and `--mode hierarchical`; pred and interp start from the short model's EMA
-weights with a zero-initialised mask input channel and zero-initialised embeddings (the official code has no
-working path for this).
+the unconditional guidance pass sees the sampler's own latents everywhere, none of the given ones (the official
+one sees the given latents as z_s, written into its state, with an all-zero mask), and the same "no condition"
+embedding that unconditional training examples get (the official one gets none); with guidance, the sampler's
+state at the given latents follows that pass alone; the prediction model also learns dense (stride-1) clips,
+told apart by a stride embedding, so that one run serves both `--mode autoregressive` and `--mode hierarchical`;
+pred and interp start from the short model's EMA weights with a zero-initialised mask input channel and
+zero-initialised embeddings (the official code has no working path for this).
 
     python lvdm.py train                                    # tiny demo on synthetic videos, CPU, < 10 minutes
     python lvdm.py sample                                   # 8 short clips from the unconditional model
@@ -35,6 +38,7 @@ working path for this).
     python lvdm.py train --data ucf101 --data-root DIR --preset ucf256
 """
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +54,13 @@ from tqdm.auto import tqdm
 
 from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
 from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
-from common.data import DATASETS, fixed_batch, make_dataset
-from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample, guided
+from common.data import DATASETS, StreamSampler, fixed_batch, make_dataset
+from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample
 from common.errors import UserError
 from common.evaluate import evaluate_run
 from common.files import output_folder
 from common.gan import PatchGAN, adaptive_weight, frozen, hinge_d_loss, hinge_g_loss, started
-from common.lpips import perceptual_loss_or_none
+from common.lpips import load_lpips, perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
 from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
@@ -73,6 +77,8 @@ class Config:
     # data and optimisation (shared flags of every script)
     data: str = flag("synthetic", "dataset", choices=list(DATASETS))
     data_root: Optional[str] = flag(None, "dataset folder (see README, Data)")
+    train_split: str = flag("train", "videos to train on: the train split, or all of them, train and test (§4.1 for "
+                            "UCF-101 and TaiChi; a folder has no split)", choices=["train", "all"])
     steps: int = flag(600, "steps of the short (unconditional) diffusion model", lo=1)
     ae_steps: int = flag(600, "autoencoder steps", lo=1)
     pred_steps: int = flag(400, "steps of the prediction model (started from the short model)", lo=1)
@@ -130,13 +136,13 @@ PRESETS = {
     # the released UCF-101 configuration (official configs/videoae/ucf.yaml, configs/lvdm_short/ucf.yaml,
     # configs/lvdm_long/*): 16 x 256^2 -> 4 x 32^2 x 4, U-Net 548.9M. The step counts are ours (the configs give
     # epochs); the batch sizes are per process.
-    "ucf256": Config(data="ucf101", frames=16, resolution=256, steps=400_000, ae_steps=100_000, pred_steps=200_000,
-                     interp_steps=200_000, batch_size=2, ae_batch_size=1, ae_accumulate=2, lr=6e-5, ae_lr=3.6e-5,
-                     sample_every=10_000, save_every=5_000, rec_loss="mse", disc_start=50_001, ae_ch=32,
+    "ucf256": Config(data="ucf101", train_split="all", frames=16, resolution=256, steps=400_000, ae_steps=100_000,
+                     pred_steps=200_000, interp_steps=200_000, batch_size=2, ae_batch_size=1, ae_accumulate=2, lr=6e-5,
+                     ae_lr=3.6e-5, sample_every=10_000, save_every=5_000, rec_loss="mse", disc_start=50_001, ae_ch=32,
                      ae_down_t=4, ae_down_s=8, disc_ch=64, disc_layers=3, ch=256, mult=(1, 2, 3, 4), blocks=3,
                      attn_ds=(2, 4, 8), heads=4, ema_decay=0.9999, grad_clip=0.0, checkpointing=True),
 }
-PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky")
+PRESETS["sky256"] = dataclasses.replace(PRESETS["ucf256"], data="sky", train_split="train")   # §4.1: its train split
 PRESETS["taichi256"] = dataclasses.replace(PRESETS["ucf256"], data="taichi", ae_lr=1.6e-5)   # frame stride 4
 # the model of the paper's Table 2 ("418+19"M): 2 ResBlocks per level and attention at all four levels
 PRESETS["table2"] = dataclasses.replace(PRESETS["ucf256"], blocks=2, attn_ds=(1, 2, 4, 8))
@@ -616,27 +622,74 @@ def load_autoencoder(run_dir, cfg: Config, device) -> Autoencoder3D:
 
 
 @torch.no_grad()
-def set_latent_stats(unet: UNet3D, ae: Autoencoder3D, data, device, batches=4, batch_size=8, seed=0):
-    """shift = -mean, scale = 1 / std of posterior samples of training clips, so that the diffused latents have
-    zero mean and unit variance (the official configs hard-code these per dataset, LVDM issue #10). Its own
-    generator: the same statistics whichever command computes them."""
+def set_latent_stats(unet: UNet3D, ae: Autoencoder3D, data, device, clips=32, batch_size=8, seed=0):
+    """shift = -mean, scale = 1 / std of posterior samples of `clips` training clips, so that the diffused latents
+    have zero mean and unit variance (the official configs hard-code these per dataset, LVDM issue #10). The clips
+    are the first that a training stream of this seed draws: random videos of the whole data set, each from a
+    random start frame. Its own generators: the same statistics whichever command computes them."""
+    keys = list(itertools.islice(StreamSampler(len(data), clips, seed=seed), clips))   # (index, item_seed)
     g = torch.Generator(device=device).manual_seed(seed)
-    z = torch.cat([ae.sample(fixed_batch(data, batch_size, start=i * batch_size)["video"].to(device), g).float()
-                   for i in range(batches)])
+    z = []
+    for a in range(0, clips, batch_size):
+        video = torch.stack([data[key]["video"] for key in keys[a:a + batch_size]]).to(device)
+        z.append(ae.sample(video, g).float())
+    z = torch.cat(z)
     unet.latent_shift.fill_(-z.mean().item())
     unet.latent_scale.fill_(1.0 / z.std().item())
     return unet.latent_shift.item(), unet.latent_scale.item()
+
+
+def perceptual_loss(cfg: Config, preset: str):
+    """LPIPS for the autoencoder's loss (§3.1), on the CPU. Without its weights the tiny demo trains on MSE alone
+    after a warning; a paper preset refuses to, as its autoencoder would not be the paper's."""
+    if not cfg.lpips_weight:
+        return None
+    if preset == "tiny":
+        return perceptual_loss_or_none("cpu")
+    try:
+        return load_lpips(device="cpu")
+    except UserError as e:
+        raise UserError(f"--preset {preset} trains the autoencoder with LPIPS as §3.1 does; {e}") from None
+
+
+class Joined(torch.utils.data.Dataset):
+    """Data sets one after the other, read as each of them is: by an int, or by a training key (index, item_seed)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __len__(self):
+        return sum(len(part) for part in self.parts)
+
+    def __getitem__(self, key):
+        index, item_seed = key if isinstance(key, (tuple, list)) else (key, None)
+        for part in self.parts:
+            if index < len(part):
+                return part[index if item_seed is None else (index, item_seed)]
+            index -= len(part)
+        raise IndexError(key)
+
+
+def training_data(cfg: Config, frames: int):
+    """Clips of `frames` frames from --train-split: the train split, or all videos (its train and test splits
+    joined), as §4.1 trains on UCF-101 and TaiChi ("Due to the limited number of videos ... we adopt the full
+    dataset") and on Sky Time-lapse's train split only."""
+    splits = ("train", "test") if cfg.train_split == "all" and cfg.data != "folder" else ("train",)
+    parts = [make_dataset(cfg.data, cfg.data_root, frames=frames, resolution=cfg.resolution, split=split,
+                          seed=cfg.seed) for split in splits]
+    return parts[0] if len(parts) == 1 else Joined(parts)
 
 
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    lpips = perceptual_loss(cfg, args.preset) if "ae" in stages else None     # missing weights: found before data
     l, ft = latents_per_clip(cfg), cfg.ae_down_t
-    data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
+    data = training_data(cfg, cfg.frames)
     # the prediction model reads key_stride clips' worth of frames, the interpolation model key_stride + 1 latents:
     # videos too short for them are found now, not after the stages before them have trained
-    long_clips = {name: make_dataset(cfg.data, cfg.data_root, frames=frames, resolution=cfg.resolution, seed=cfg.seed)
+    long_clips = {name: training_data(cfg, frames)
                   for name, frames in (("pred", cfg.frames * cfg.key_stride), ("interp", (cfg.key_stride + 1) * ft))
                   if name in stages}
     match = {k: getattr(cfg, k) for k in ARCH}     # what the run's checkpoints must share with this config
@@ -650,7 +703,7 @@ def train(args):
 
     # stage 1: the 3D autoencoder with its per-frame discriminator (§3.1)
     if "ae" in stages:
-        lpips = perceptual_loss_or_none(dev)
+        lpips = lpips.to(dev) if lpips is not None else None
         train_stage(run, "ae", gan, torch.optim.Adam(gan.parameters(), lr=cfg.ae_lr, betas=(0.5, 0.9)),
                     lambda net, batch: net(batch["video"], cfg, lpips), data, steps=cfg.ae_steps,
                     batch_size=cfg.ae_batch_size, accumulate=cfg.ae_accumulate, find_unused_parameters=True,
@@ -660,7 +713,9 @@ def train(args):
         ae = load_autoencoder(run.dir, cfg, dev)
         with torch.no_grad():
             rec = ae.decode(ae.encode(held_out)[0])
-        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 8 held-out clips")
+        seen = " (trained on: --train-split all)" if cfg.train_split == "all" else ""
+        run.print(f"autoencoder: reconstruction PSNR {psnr(rec, held_out).mean().item():.2f} dB on 8 test-split "
+                  f"clips{seen}")
     if stages == ("ae",):
         return
     ae = load_autoencoder(run.dir, cfg, dev)
@@ -731,9 +786,11 @@ def sample_clip(net: UNet3D, sched: Schedule, cfg: Config, shape, *, given=None,
                 dtype=None):
     """One clip of diffused latents (B, C, l, h, w). The short model, or a conditional model with the latents
     `given` where `mask` (1, 1, l, 1, 1) is 1: the conditional pass sees them perturbed to z_s, s = cond_noise,
-    drawn once per clip; the unconditional pass (Eq. 9's eps_u, mask all zeros) sees every latent at the step's
-    own noise level and the "no condition" level, as unconditional training examples did. Given latents are
-    returned as they were given."""
+    drawn once per clip, and the sampler's state elsewhere. The unconditional pass (Eq. 9's eps_u: mask all zeros,
+    level s_max, as unconditional training examples) sees the sampler's state at every latent and nothing of the
+    given ones, neither clean nor perturbed, so that the errors they carry cannot reach it (§3.3). With guidance
+    the state at the given latents follows eps_u alone (the conditional pass saw z_s there, not the state). Given
+    latents are returned as they were given."""
     B = shape[0]
 
     def noise(x):
@@ -751,19 +808,24 @@ def sample_clip(net: UNet3D, sched: Schedule, cfg: Config, shape, *, given=None,
         s = torch.full((B,), cond_noise, device=device, dtype=torch.long)
         m = mask if mask is not None else torch.zeros(1, 1, shape[2], 1, 1, device=device)
         m = m.expand(B, -1, -1, -1, -1)
-        z_s = perturb(sched, given, s, noise(given)) if given is not None else None
-        at_t = noise(given) if given is not None else None     # the given latents' own noise at level t
+        z_s = perturb(sched, given, s, noise(given)) if given is not None else None    # drawn once per clip
 
-        def eps_u(x, t):
-            view = x if given is None else torch.where(m.bool(), sched.q_sample(given, t, at_t), x)
-            inp, level = network_input(view, None, torch.zeros_like(m), s, net.s_max)
+        def eps_u(x, t):        # every mask zero: z~ = z_t, the sampler's own latents, no condition (§3.3, Eq. 8)
+            inp, level = network_input(x, None, torch.zeros_like(m), s, net.s_max)
             return run(inp, t, level, stride)
 
-        def eps_c(x, t):
+        def eps_c(x, t):        # the first k (or the end) masks one: z~ = z_t (1 - m) + z_s m (Eq. 8)
             inp, level = network_input(x, z_s, m, s, net.s_max)
             return run(inp, t, level, stride)
 
-        eps_fn = eps_u if given is None else (guided(eps_c, eps_u, guidance, cfg_lvdm) if guidance else eps_c)
+        def eps_guided(x, t):
+            e_c, e_u = eps_c(x, t), eps_u(x, t)
+            # Eq. (9), (1 + w) eps_c - w eps_u, where the conditional pass saw the state; at the given latents it saw
+            # z_s instead, so there the state follows eps_u alone: the unconditional pass sees at every latent a
+            # latent it denoised itself, never the condition
+            return torch.where(m.bool(), e_u, cfg_lvdm(e_c, e_u, guidance))
+
+        eps_fn = eps_u if given is None else (eps_guided if guidance else eps_c)
     x_T = noise(torch.empty(shape))
     if sampler == "ddpm":
         z = ddpm_sample(eps_fn, x_T, sched, steps, noise_fn=noise)
