@@ -388,8 +388,8 @@ def test_a_changed_lr_on_resume_is_applied_from_that_step_and_logged(tmp_path, m
     assert [g["lr"] for g in slower["optimizer"]["param_groups"]] == [1e-3] and slower["config"]["lr"] == 1e-3
     assert json.loads((tmp_path / "slower" / "config.json").read_text())["lr"] == 1e-3
     log = [json.loads(line) for line in (tmp_path / "slower" / "log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r.get("changed"), r.get("lr")) for r in log] == [(1, None, 1e-2), (2, None, 1e-2),
-                                                                        (2, {"lr": [1e-2, 1e-3]}, None), (3, None, 1e-3)]
+    assert [(r["step"], r.get("changed"), r.get("lr")) for r in log] == \
+        [(1, None, 1e-2), (2, None, 1e-2), (2, {"lr": [1e-2, 1e-3]}, None), (3, None, 1e-3)]
     assert torch.equal(torch.load(tmp_path / "same" / "diffusion.pt", weights_only=True)["optimizer"]["state"][0]
                        ["exp_avg_sq"], slower["optimizer"]["state"][0]["exp_avg_sq"])   # the moments carried over
     # killed before the next checkpoint, then resumed with the same --lr: the change is logged once
