@@ -914,12 +914,13 @@ def generate_long(models: dict, ae, sched, cfg: Config, *, n, frames, mode="hier
     return decode_chunks(ae, pred, z, frames)
 
 
-def load_models(run_dir, device, need=("short",)):
-    """The EMA networks a sampling mode needs from a run directory, and the run's config. Checkpoints are mapped,
-    not read: only the EMA weights leave the disk."""
+def load_models(run_dir, device, need=("short",), files=None):
+    """The EMA networks a sampling mode needs from a run directory, and the run's config; `files` ({stage: path})
+    names a checkpoint to read for a stage instead of its file in the run directory. Checkpoints are mapped, not
+    read: only the EMA weights leave the disk."""
     models, cfg = {}, None
     for name in need:
-        path = Path(run_dir) / f"{name}.pt"
+        path = (files or {}).get(name, Path(run_dir) / f"{name}.pt")
         if not path.exists():
             raise UserError(f"no {name} model in {run_dir} ({name}.pt): run `python {SCRIPT}.py train --stage {name}`"
                             f" (or `train` for every stage)")
@@ -935,16 +936,26 @@ def load_models(run_dir, device, need=("short",)):
 
 def sampling_setup(args, device):
     """The models, config and autoencoder for `sample`/`eval`: the short model for clips up to the training
-    length, the prediction (and interpolation) model for longer ones."""
+    length, the prediction (and interpolation) model for longer ones. --ckpt names one of them, whose weights are
+    that file's; the others, and the autoencoder, are the run's files beside it."""
     path = find_checkpoint(SCRIPT, args.run, args.ckpt, stage="short")
     run_dir = path.parent
-    cfg = config_from_checkpoint(Config, load_checkpoint(path, SCRIPT, mmap=True, entries=()), path)
+    ckpt = load_checkpoint(path, SCRIPT, mmap=True, entries=())
+    if ckpt.get("stage") not in STAGES[1:]:
+        raise UserError(f"{path} is a {ckpt.get('stage')} checkpoint, not a diffusion one: pass short.pt, pred.pt "
+                        f"or interp.pt")
+    cfg = config_from_checkpoint(Config, ckpt, path)
     frames = args.frames or cfg.frames
     if not 0 <= args.cond_noise < cfg.cond_noise_max:
         raise UserError(f"--cond-noise must be below the s_max this run trained with ({cfg.cond_noise_max}), "
                         f"got {args.cond_noise}")
     need = ("short",) if frames <= cfg.frames else ("pred", "interp") if args.mode == "hierarchical" else ("pred",)
-    models, cfg = load_models(run_dir, device, need)
+    if args.ckpt and ckpt["stage"] not in need:     # its weights would go unused: another model would sample
+        how = f"{frames} frames" + (f" ({args.mode})" if frames > cfg.frames else "")
+        raise UserError(f"{path} holds the {ckpt['stage']} model, but sampling {how} uses "
+                        f"{' and '.join(n + '.pt' for n in need)}: pass {' or '.join(n + '.pt' for n in need)}, or "
+                        f"other --frames/--mode")
+    models, cfg = load_models(run_dir, device, need, {ckpt["stage"]: path} if args.ckpt else None)
     return run_dir, cfg, models, load_autoencoder(run_dir, cfg, device), frames
 
 

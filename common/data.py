@@ -235,14 +235,29 @@ def sky_items(root: Path, split="train"):
     if not base.is_dir():
         raise _missing("SkyTimelapse", root, "sky_train/ and sky_test/, each <video>/<clip>/<frame>.jpg",
                        "https://github.com/weixiong-ur/mdgan")
-    return [(clip, -1) for video in sorted(base.iterdir()) if video.is_dir()
-            for clip in sorted(video.iterdir()) if clip.is_dir()]
+    return [(clip, -1) for video in _subfolders(base) for clip in _subfolders(video)]
+
+
+def _unreadable_folder(error: OSError):
+    """A folder that cannot be listed is named in one warning, as an unreadable file is, and left out: its videos
+    must not vanish without a word (os.walk's default is to skip it silently)."""
+    warnings.warn(f"skipping unreadable folder {error.filename}: {error.strerror or error}")
+
+
+def _subfolders(folder: Path) -> list:
+    """The folders directly inside `folder`, sorted; none, with a warning, when it cannot be listed."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError as e:
+        _unreadable_folder(e)
+        return []
 
 
 def _scan(root: Path):
-    """Video files and folders that directly hold image frames, anywhere below root, sorted."""
+    """Video files and folders that directly hold image frames, anywhere below root, sorted; a folder that cannot be
+    listed is named in a warning."""
     items = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable_folder):
         dirnames.sort()
         if any(Path(f).suffix.lower() in IMAGE_EXTS for f in filenames):
             items.append(Path(dirpath))

@@ -113,7 +113,10 @@ def _close_distributed():
 class RunLog:
     """log.jsonl: one JSON object per logged step (stage, step, loss, lr, data_wait, seconds). Rank 0 only.
     A line may be written before its step's checkpoint, so a resumed stage first forgets the lines past the step
-    it resumes from, and a stage that starts afresh all of its lines: after any kill, each step appears once."""
+    it resumes from, and a stage that starts afresh all of its lines: after any kill, each step appears once.
+    A line with `changed` (settings a resumed stage changed, train.keep_asked_settings) is written at the step it
+    resumes from, and forgotten with the lines past it: the next resume from that step writes it again if the
+    change still holds."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path, self.enabled, self.start = Path(run_dir) / "log.jsonl", enabled, time.time()
@@ -145,7 +148,8 @@ def _past(line: str, stage: str, step: int) -> bool:
         record = json.loads(line)
     except ValueError:
         return True   # a line cut short by a kill
-    return record.get("stage") == stage and record.get("step", 0) > step
+    past = record.get("step", 0) > step or "changed" in record and record.get("step", 0) >= step
+    return record.get("stage") == stage and past
 
 
 def count_params(module: torch.nn.Module) -> int:

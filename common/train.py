@@ -107,6 +107,28 @@ def _restore_rng(run: Run, state: dict, seed: int, step: int):
         seed_everything(seed * 1_000_003 + run.dist.rank * 1009 + step)
 
 
+def keep_asked_settings(optimizer: torch.optim.Optimizer, asked: list) -> dict:
+    """Give each param group back the hyperparameters this command built the optimizer with (`asked`: lr, betas,
+    weight_decay, ...), which load_state_dict replaced with the checkpoint's; returns {name: [saved, asked]} of
+    those that differ ({} when nothing changed: the resumed run stays bit-exact).
+
+    A changed --lr on resume is applied rather than refused: lowering the rate of a run that has stopped improving
+    is an ordinary step, and the state Adam keeps (the gradients' moments and the step count) does not depend on
+    the rate, so it carries over unchanged. The change is logged at the step it takes effect (train_stage), and
+    config.json and the checkpoint then name the rate that runs. (nanoGPT's train.py sets each group's lr every
+    iteration, so its resumed runs likewise train at the rate they are given.)"""
+    def plain(v):                               # a tuple saved in a checkpoint may come back a list
+        return list(v) if isinstance(v, (tuple, list)) else v
+
+    changed = {}
+    for group, wanted in zip(optimizer.param_groups, asked):
+        for key, value in wanted.items():
+            if plain(group.get(key)) != plain(value):
+                changed.setdefault(key, [plain(group.get(key)), plain(value)])
+                group[key] = value
+    return changed
+
+
 def _to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -122,6 +144,8 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
     loss_fn(net, batch) returns the loss, or a dict with "loss" and other scalars to log; `net` is the model as
     wrapped for training (DDP, compile), batch a dict of tensors on the device. Returns the EMA model when
     ema_decay is set, else the model. A stage whose checkpoint has reached `steps` is skipped, its RNG state restored.
+    A resumed stage keeps its optimizer's state but trains with the hyperparameters `optimizer` was built with
+    (another --lr is applied and logged: keep_asked_settings).
     Each optimizer step accumulates the gradients of `accumulate` batches. grad_clip clips the norm of
     clip_params(model) (default: all parameters). A stage that starts afresh continues the RNG stream saved by the
     last stage of `follows` that has a checkpoint (continue_rng), so stages run one command at a time draw what one
@@ -136,7 +160,8 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, run.script, must_match, map_location=run.device)
         load_state_checked(model, ckpt["model"], ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        asked = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])    # also restores the saved lr, betas, ...: put back `asked`
         scaler.load_state_dict(ckpt["scaler"])
         if ema:
             ema.load_state_dict(ckpt["ema"], f"{ckpt_path} (EMA)")
@@ -147,6 +172,11 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
             return (ema.model if ema else model).eval()
         run.print(f"{stage}: resuming from step {step} ({ckpt_path})")
         run.log.forget_after(stage, step)
+        changed = keep_asked_settings(optimizer, asked)
+        if changed:
+            run.log.write(stage=stage, step=step, changed=changed)
+            run.print(f"{stage}: from step {step} on, " + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in
+                                                                    changed.items()))
     else:
         continue_rng(run, follows, seed)
         run.log.forget_after(stage, 0)     # lines of a run killed before this stage's first checkpoint

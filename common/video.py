@@ -1,7 +1,7 @@
 """Reading and writing real video files.
 
 Video files (.mp4 .avi .webm .mkv .mov .gif) are read with PyAV (FFmpeg's libraries inside the `av` wheel) used
-directly; frame folders (SkyTimelapse, TaiChi) with imageio's Pillow plugin, only the images a clip needs.
+directly; frame folders (SkyTimelapse, TaiChi) with Pillow, only the images a clip needs.
 - probe: the frame count and fps from the container's metadata (mp4's sample table, avi's header, GIF, the duration
   x fps of webm/mkv); only a file that states neither is decoded to count its frames.
 - read_frames: open once, seek to the key frame before the clip's first frame (containers with an index; each frame's
@@ -15,7 +15,8 @@ in 114 ms against 4.5 ms. Probing now costs under 1 ms per file in every format,
 the time of PyAV used as its documentation shows (decode from the first frame, default threads).
 
 Everything returns uint8 arrays (T, H, W, 3): grey, grey+alpha, palette and RGBA frames are converted to RGB (alpha
-dropped), and a frame whose size differs from the clip's first frame is resized to it.
+dropped), 16-bit frames keep their high byte, and a frame whose size differs from the clip's first frame is resized
+to it.
 """
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +26,8 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from PIL import Image
 
 from common.files import atomic_write
 
@@ -63,7 +66,7 @@ def read_frames(path, indices) -> np.ndarray:
         files = list_frames(path)
         if indices[-1] >= len(files):
             raise EOFError(f"{path} has {len(files)} frames, needed {indices[-1] + 1}")
-        return _same_size([iio.imread(files[i], plugin="pillow", mode="RGB") for i in indices])
+        return _same_size([read_image(files[i]) for i in indices])
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "NONE"   # one thread per file: workers decode files in parallel (module docstring)
@@ -75,6 +78,17 @@ def read_frames(path, indices) -> np.ndarray:
         if frames is None:
             frames = _take(enumerate(container.decode(stream)), indices, path)
         return _same_size([f.to_ndarray(format="rgb24") for f in frames])   # only the kept frames become RGB
+
+
+def read_image(path) -> np.ndarray:
+    """One frame file as (H, W, 3) uint8. A 16-bit grey PNG (Pillow's modes I;16 and I) keeps the high byte of each
+    value, 0..65535 -> 0..255, as Pillow itself reads 16-bit colour PNGs; its conversion to RGB would instead clip
+    every value above 255 to white."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            grey = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)   # (H, W)
+            return np.repeat(grey[..., None], 3, axis=-1)                                    # -> (H, W, 3)
+        return np.asarray(im.convert("RGB"))
 
 
 def _take(numbered, indices, path) -> list:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import train
+from common import train, video
 
 LEVEL = 6
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,3 +210,46 @@ def make_gif_folder(root, count=3, n=12):
     for k in range(count):
         iio.imwrite(root / ("sub" if k else "") / f"clip{k}.gif", frames(n), duration=100, loop=0)
     return root
+
+
+def sampling_an_older_checkpoint_uses_its_weights(module, trained, tmp_path, stage, train_flags, flags=(),
+                                                  generate="generate"):
+    """`sample --ckpt` and `eval --ckpt` of a checkpoint kept aside (a copy of `trained`'s `stage` file, in a copy
+    of the run whose `stage` then trained one more step at a high rate) make the same videos as that checkpoint
+    sampled from its own run, `trained`, and not those of the run's newer file. Eval's `evaluate_run` is replaced by
+    one that samples 2 videos with the `fake` it is given: what is under test is which weights it samples with.
+    `flags` go to sample and eval; the samples `train` writes at its end take one step of module.`generate`, and no
+    mp4 is encoded (libx264 took most of this test's time, and samples.npz holds the same videos)."""
+    newer, old = tmp_path / "newer", tmp_path / "newer" / f"{stage}-kept.pt"
+    shutil.copytree(trained, newer, ignore=shutil.ignore_patterns("samples", "eval.json"))
+    shutil.copy(newer / f"{stage}.pt", old)
+    step = torch.load(old, weights_only=True)["step"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(video, "write_mp4", lambda *a, **kw: None)
+        full = getattr(module, generate)
+        mp.setattr(module, generate, lambda *a, **kw: full(*a, **{**kw, **{k: 1 for k in ("steps", "cond_steps")
+                                                                            if k in kw}}))
+        module.cli(["train", "--run", str(newer), "--stage", stage, *train_flags, "--steps", str(step + 1), "--lr",
+                    "0.05"])
+    assert torch.load(newer / f"{stage}.pt", weights_only=True)["step"] == step + 1
+
+    def sample(*source):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(video, "write_mp4", lambda *a, **kw: None)
+            module.cli(["sample", *source, "--n", "2", "--steps", "2", "--out", str(out), *flags])
+        return np.load(out / "samples.npz")["videos"]
+
+    kept = sample("--ckpt", str(old))
+    assert np.array_equal(kept, sample("--run", str(trained)))
+    assert not np.array_equal(kept, sample("--run", str(newer)))     # the newer weights do sample other videos
+
+    def evaluate(*source):
+        made = []
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module, "evaluate_run", lambda script, cfg, run_dir, fake, **kw: made.append(
+                fake(2, kw["frames"], 0)))
+            module.cli(["eval", *source, "--n", "2", "--steps", "2", *flags])
+        return made[0]
+
+    assert np.array_equal(evaluate("--ckpt", str(old)), evaluate("--run", str(trained)))

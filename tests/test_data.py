@@ -1,5 +1,8 @@
 """Datasets through the real decoders, on small files the tests write in each real layout."""
+import errno
 import json
+import os
+import warnings
 from fractions import Fraction
 
 import av
@@ -7,6 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common.data
 import common.video
@@ -14,7 +18,8 @@ from common.data import StreamSampler, SyntheticVideos, clip_from_frames, fixed_
 from common.errors import UserError
 from common.video import make_grid, probe, read_frames, to_uint8, write_samples
 from tests import toy_script
-from tests.fixtures import LEVEL, frames, make_gif_folder, make_sky, make_ucf101, write_overstated, write_video
+from tests.fixtures import (LEVEL, frames, make_gif_folder, make_sky, make_ucf101, permissions_apply, write_overstated,
+                            write_video)
 
 
 def frame_levels(clip):
@@ -249,6 +254,73 @@ def test_grey_and_alpha_frames_come_back_as_rgb(tmp_path, mode, pixel, rgb):
             container.mux(stream.encode(frame.reformat(format=pix_fmt)))
         container.mux(stream.encode())
     assert np.array_equal(read_frames(video, [0, 2]), np.full((2, 8, 10, 3), rgb, np.uint8))
+
+
+def test_16_bit_grey_and_colour_png_frames_keep_their_high_byte(tmp_path):
+    """A 16-bit grey PNG (Pillow's I;16) reads as value >> 8, as Pillow reads a 16-bit colour PNG: the same
+    values in both come back equal. (Pillow's own conversion to RGB clipped every grey value above 255 to white.)"""
+    x = np.random.default_rng(0).integers(0, 65536, (3, 8, 10), dtype=np.uint16)   # (T, H, W), H != W
+    x[0, 0, :3] = (65535, 256, 255)                                                 # the ends of the range
+    grey, colour = tmp_path / "grey", tmp_path / "colour"
+    grey.mkdir()
+    colour.mkdir()
+    for k in range(3):
+        Image.fromarray(x[k]).save(grey / f"{k}.png")
+        assert Image.open(grey / f"{k}.png").mode == "I;16"
+        with av.open(str(colour / f"{k}.png"), "w") as f:           # the same values as 16-bit RGB (48-bit PNG)
+            stream = f.add_stream("png", rate=1)
+            stream.width, stream.height, stream.pix_fmt = 10, 8, "rgb48be"
+            rgb = av.VideoFrame.from_ndarray(np.repeat(x[k][..., None], 3, -1), format="rgb48le")
+            f.mux(stream.encode(rgb.reformat(format="rgb48be")))
+            f.mux(stream.encode())
+    expected = np.repeat((x >> 8).astype(np.uint8)[..., None], 3, -1)
+    assert expected[0, 0, :3, 0].tolist() == [255, 1, 0]
+    assert np.array_equal(read_frames(grey, [0, 1, 2]), expected)
+    assert np.array_equal(read_frames(colour, [0, 1, 2]), expected)
+    clip = make_dataset("folder", tmp_path, frames=3, resolution=8)[0]["video"]    # a centre 8x8 crop of each
+    assert torch.equal(clip[0], torch.from_numpy(expected[:, :, 1:9, 0]).float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("layout", ["folder", "sky"])
+def test_an_unreadable_sub_folder_is_named_in_one_warning_and_the_rest_load(tmp_path, monkeypatch, layout):
+    """A folder the walk cannot list (no permission) is one warning naming it; the videos beside it load. As root,
+    whom permissions do not stop, listing that folder raises the PermissionError the kernel would give anyone else."""
+    if layout == "folder":
+        root, locked = tmp_path / "data", tmp_path / "data" / "locked"       # 3 videos in open/, 3 in locked/
+        for k in range(6):
+            folder = root / ("open" if k < 3 else "locked")
+            folder.mkdir(parents=True, exist_ok=True)
+            iio.imwrite(folder / f"clip{k}.gif", frames(8), duration=100, loop=0)
+    else:
+        root = make_sky(tmp_path / "sky", n=8)
+        locked = root / "sky_train" / "video1"
+    if permissions_apply():
+        locked.chmod(0)
+        give_back = lambda: locked.chmod(0o755)     # noqa: E731
+    else:
+        def refused(real):
+            def listing(path=".", *a):
+                if os.fspath(path) == str(locked):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+                return real(path, *a)
+            return listing
+        monkeypatch.setattr(os, "scandir", refused(os.scandir))     # os.walk lists with it
+        monkeypatch.setattr(os, "listdir", refused(os.listdir))     # Path.iterdir with this one (Python 3.11)
+        give_back = lambda: None                     # noqa: E731
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if layout == "folder":    # through `train --data folder`, as a user meets it
+                toy_script.cli(["train", "--data", "folder", "--data-root", str(root), "--run", str(tmp_path / "run"),
+                                "--steps", "1"])
+            ds = make_dataset(layout, root, frames=8, resolution=16)
+    finally:
+        give_back()
+    messages = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    assert messages == [f"skipping unreadable folder {locked}: Permission denied"] * (2 if layout == "folder" else 1)
+    opened = [root / "open" / f"clip{k}.gif" for k in range(3)] if layout == "folder" else \
+        [root / "sky_train" / "video0" / f"video0_{c}" for c in range(2)]
+    assert [path for path, *_ in ds.videos] == opened
 
 
 def test_a_gif_with_transparency_comes_back_as_rgb(tmp_path):

