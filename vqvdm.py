@@ -29,8 +29,8 @@ Eq. (3) as the non-saturating -log D(x_hat); --disc-start gating the feature mat
 gradient clipped on its own, as TATS's two optimizers (a turn takes a batch of its own: --ae-steps counts both
 players' steps). LPIPS is the standard VGG-16 one (Eq. 1 cites a VGG-19 perceptual loss, ref. [28]).
 Only the attention is causal in time (the spatial attention normalises each frame on its own, then the causal
-temporal attention): the ResBlocks' 3x3x3 convolutions and GroupNorms mix frames both ways, as the paper's
-ResBlocks do, so the U-Net as a whole is not causal.
+temporal attention): the 3x3x3 convolutions and the GroupNorms of the ResBlocks (and of the output) mix frames
+both ways, as the paper's ResBlocks do, so the U-Net as a whole is not causal.
 
     python vqvdm.py train                                   # tiny demo on synthetic videos, CPU, < 10 minutes
     python vqvdm.py sample --label 1 --guidance 3           # class 1, Eq. (9) with w = 3
@@ -478,7 +478,7 @@ class Attention(nn.Module):
     """Fig. 2's order: spatial attention, then causal temporal attention. Together causal in time: output frame i
     depends on input frames j <= i only. The U-Net as a whole is not: its ResBlocks' GroupNorm pools over frames
     and their 3x3x3 convolutions see one frame on each side (§2.3: GroupNorm and Conv3D with replication padding
-    in time), as in the paper."""
+    in time), as in the paper; so do the input, upsampling and output convolutions and the output GroupNorm."""
 
     def __init__(self, ch, heads):
         super().__init__()

@@ -218,16 +218,116 @@ def test_codes_start_on_encoder_outputs_and_dead_codes_move_onto_them():
 
 # --- §2.3 the 3D U-Net ---
 
-def test_temporal_attention_is_causal_frame_i_sees_frames_up_to_i():
-    attn = randomize(vqvdm.CausalTemporalAttention(8, 2))
-    x = torch.randn(1, 8, 5, 3, 3)
-    y = x.clone()
-    y[:, :, 3] += torch.randn(1, 8, 3, 3)                        # change frame j = 3
-    a, b = attn(x), attn(y)
-    assert torch.allclose(a[:, :, :3], b[:, :, :3], atol=1e-6)  # frames i < j do not see it
-    assert not torch.allclose(a[:, :, 3:], b[:, :, 3:])         # frames i >= j do
-    attn.causal = False                                          # without the mask the earlier frames would change
-    assert not torch.allclose(attn(x)[:, :, :3], attn(y)[:, :, :3])
+def slow_attention(q, k, v, causal):
+    """softmax(q k^T / sqrt(d)) v, one query at a time, keys j <= i only when causal. q, k, v (N, d)."""
+    rows = []
+    for i in range(q.shape[0]):
+        keys = range(i + 1) if causal else range(q.shape[0])
+        scores = torch.stack([q[i] @ k[j] for j in keys]) / q.shape[1] ** 0.5
+        rows.append(sum(p * v[j] for p, j in zip(torch.softmax(scores, 0), keys)))
+    return torch.stack(rows)
+
+
+def slow_heads(tokens, qkv_w, qkv_b, out_w, out_b, heads, causal):
+    """tokens (N, C) -> out(concat_h attention_h(q_h, k_h, v_h)), q, k, v the three C-wide thirds of qkv(tokens)
+    and head h their channels h*d..(h+1)*d."""
+    C = tokens.shape[1]
+    qkv, d = tokens @ qkv_w.t() + qkv_b, C // heads
+    o = torch.cat([slow_attention(*(qkv[:, n * C + h * d:n * C + (h + 1) * d] for n in range(3)), causal)
+                   for h in range(heads)], dim=1)
+    return o @ out_w.t() + out_b
+
+
+def slow_temporal(attn, x):
+    """CausalTemporalAttention by loops: each (b, y, x) position's T tokens, LayerNorm over C, then attention."""
+    out = x.clone()
+    B, C, T, H, W = x.shape
+    for b in range(B):
+        for yy in range(H):
+            for xx in range(W):
+                tokens = x[b, :, :, yy, xx].t()                                                  # (T, C)
+                mu, var = tokens.mean(1, keepdim=True), tokens.var(1, unbiased=False, keepdim=True)
+                n = (tokens - mu) / (var + attn.norm.eps).sqrt() * attn.norm.weight + attn.norm.bias
+                out[b, :, :, yy, xx] = x[b, :, :, yy, xx] + slow_heads(
+                    n, attn.qkv.weight, attn.qkv.bias, attn.out.weight, attn.out.bias, attn.heads, True).t()
+    return out
+
+
+def slow_spatial(attn, x):
+    """SpatialAttention by loops: each (b, t) frame normalised on its own (GroupNorm over its C/G channels and
+    H*W pixels), its H*W pixels in row-major order as tokens, full attention."""
+    out = x.clone()
+    B, C, T, H, W = x.shape
+    G = attn.norm.num_groups
+    for b in range(B):
+        for t in range(T):
+            f = x[b, :, t].reshape(G, -1)                                                     # (G, C/G*H*W)
+            mu, var = f.mean(1, keepdim=True), f.var(1, unbiased=False, keepdim=True)
+            f = ((f - mu) / (var + attn.norm.eps).sqrt()).reshape(C, H * W)
+            n = (f * attn.norm.weight[:, None] + attn.norm.bias[:, None]).t()                # (H*W, C)
+            o = slow_heads(n, attn.qkv.weight.flatten(1), attn.qkv.bias, attn.out.weight.flatten(1),
+                           attn.out.bias, attn.heads, False)
+            out[b, :, t] = x[b, :, t] + o.t().reshape(C, H, W)
+    return out
+
+
+@pytest.mark.parametrize("which", ["temporal", "spatial", "both"])
+def test_each_attention_equals_a_slow_loop_in_values_and_gradients(which):
+    """H != W != T, so an axis written back transposed shows; gradients of x and of every weight too."""
+    torch.manual_seed(0)
+    attn = randomize({"temporal": lambda: vqvdm.CausalTemporalAttention(8, 2),
+                      "spatial": lambda: vqvdm.SpatialAttention(8, 2),
+                      "both": lambda: vqvdm.Attention(8, 2)}[which]())
+    x = torch.randn(2, 8, 3, 4, 5, requires_grad=True)
+    ref = {"temporal": lambda v: slow_temporal(attn, v), "spatial": lambda v: slow_spatial(attn, v),
+           "both": lambda v: slow_temporal(attn.temporal, slow_spatial(attn.spatial, v))}[which]
+    fast = attn(x) if which != "both" else attn(x, None)
+    slow = ref(x)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    weight = torch.randn_like(fast)
+    params = [x, *attn.parameters()]
+    for a, b in zip(grads((fast * weight).sum(), params), grads((slow * weight).sum(), params)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["temporal", "both"])
+def test_frame_i_sees_every_frame_up_to_i_and_none_after_it(which):
+    """Changing input frame j changes output frame i exactly when j <= i (§2.3's causal mask): for i > j as well as
+    i = j (a mask narrowed to the diagonal is causal too, and wrong), and bit for bit not at all for i < j, through
+    the spatial attention too (Fig. 2's pair: its GroupNorm normalises each frame on its own)."""
+    torch.manual_seed(0)
+    attn = randomize(vqvdm.CausalTemporalAttention(8, 2) if which == "temporal" else vqvdm.Attention(8, 2))
+    run = (lambda v: attn(v)) if which == "temporal" else (lambda v: attn(v, None))
+    x = torch.randn(1, 8, 5, 3, 4)
+    base = run(x)
+    for j in range(5):
+        y = x.clone()
+        y[:, :, j] += torch.randn(1, 8, 3, 4)
+        changed = run(y) != base
+        for i in range(5):
+            assert changed[:, :, i].any() == (i >= j), (i, j)
+
+
+def test_the_unet_as_a_whole_is_not_causal_its_resblocks_mix_frames_both_ways():
+    """What the docstrings say: the ResBlocks' GroupNorm and 3x3x3 convolutions (§2.3), and the other 3x3x3
+    convolutions and the output GroupNorm, let a later frame reach an earlier one; without them (every ResBlock
+    only its skip, the convs' outer frame taps zero, no output norm) the U-Net is causal bit for bit: nothing
+    else in it, the attention included, looks ahead."""
+    torch.manual_seed(0)
+    unet = randomize(vqvdm.UNet3D(small())).eval()
+    z, t, f, c = torch.randn(1, 4, 4, 4, 4), torch.tensor([5]), torch.tensor([8.0]), torch.tensor([1])
+    y = z.clone()
+    y[:, :, 2] += 1
+    with torch.no_grad():
+        assert not torch.equal(unet(z, t, f, c)[:, :, :2], unet(y, t, f, c)[:, :, :2])
+        for m in unet.modules():
+            if isinstance(m, vqvdm.ResBlock):
+                m.forward = lambda x, emb, m=m: m.skip(x)
+        for conv in [unet.inp.conv, unet.out[-1].conv, *(m.conv.conv for m in unet.modules()
+                                                         if isinstance(m, vqvdm.Upsample))]:
+            conv.weight[:, :, [0, 2]] = 0                           # the other 3x3x3 convs: one frame only
+        unet.out[0] = torch.nn.Identity()                           # and the output GroupNorm pools over frames
+        assert torch.equal(unet(z, t, f, c)[:, :, :2], unet(y, t, f, c)[:, :, :2])
 
 
 def test_the_unet_keeps_the_frames_and_halves_only_the_frame_size():
