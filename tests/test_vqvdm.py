@@ -1,6 +1,8 @@
-"""VQ-VDM: the 3D VQGAN's shapes, quantization and losses (Eq. 1-5), the codebook's remedies against collapse, causal
-temporal attention, fps and class conditioning, joint training with probability rho, Eq. (9) guidance as sampling
-uses it, each stage's loss, and the command line."""
+"""VQ-VDM: the 3D VQGAN's shapes, quantization and losses (Eq. 1-5, values and gradients, the players' alternating
+turns), the codebook's remedies against collapse, both attentions against slow loops and the causal mask's full
+frame table, fps and class conditioning reaching every block, every layer running once and every weight getting a
+gradient, joint training with probability rho, the latent box, the oracle denoiser through the real sampling path
+(Eq. 9 guidance, DDPM and DDIM, longer videos, the `sample` command), and the command line."""
 import dataclasses
 import json
 
