@@ -19,15 +19,18 @@ Implemented here, all of it:
        otherwise, fps never dropped; classifier-free guidance w (eps_c - eps_u) + eps_u (Eq. 9)
 What the paper leaves open, each chosen here and named as a config field (no official code exists): the codebook
 size; a data-dependent codebook initialisation and the restart of dead codes from encoder outputs (against the
-classic VQGAN codebook collapse); the diffused latent (z_e before quantization, mapped from
-the codebook's range onto [-1, 1], where sampling clips x0_hat as DDPM clips pixels, and re-quantized before
-decoding: `--latent z_q` diffuses the quantized one); the widths and
+classic VQGAN codebook collapse); the diffused latent (z_e before quantization, mapped from its
+range over training clips (and the codes they pick) onto [-1, 1], where sampling clips x0_hat as DDPM clips
+pixels, and re-quantized before decoding: `--latent z_q` diffuses the quantized one); the widths and
 depth of both networks; down-sampling in space only; no temporal position code beyond the causal mask and the 3D
 convolutions; the sampler (DDPM, "standard DDPM [4]", T = 1000 with the linear schedule); the generator's side of
 Eq. (3) as the non-saturating -log D(x_hat); --disc-start gating the feature matching of Eq. (4) too, as TATS does
-(§2.2 names only L_disc). LPIPS is the standard VGG-16 one (Eq. 1 cites a VGG-19 perceptual loss, ref. [28]).
-Only the temporal attention is causal: the 3x3x3 convolutions and the GroupNorms mix frames both ways, as the
-paper's ResBlocks do.
+(§2.2 names only L_disc); the VQGAN's and the discriminator's optimizer steps alternating, each player's
+gradient clipped on its own, as TATS's two optimizers (a turn takes a batch of its own: --ae-steps counts both
+players' steps). LPIPS is the standard VGG-16 one (Eq. 1 cites a VGG-19 perceptual loss, ref. [28]).
+Only the attention is causal in time (the spatial attention normalises each frame on its own, then the causal
+temporal attention): the 3x3x3 convolutions and the GroupNorms of the ResBlocks (and of the output) mix frames
+both ways, as the paper's ResBlocks do, so the U-Net as a whole is not causal.
 
     python vqvdm.py train                                   # tiny demo on synthetic videos, CPU, < 10 minutes
     python vqvdm.py sample --label 1 --guidance 3           # class 1, Eq. (9) with w = 3
@@ -56,7 +59,8 @@ from common.diffusion import Schedule, cfg_vqvdm, ddim_sample, ddpm_sample, guid
 from common.errors import UserError
 from common.evaluate import evaluate_run
 from common.files import output_folder
-from common.gan import feature_matching, frozen, pix2pix_init, started, vanilla_d_loss, vanilla_g_loss
+from common.gan import (feature_matching, frozen, generator_turn, pix2pix_init, started, vanilla_d_loss,
+                        vanilla_g_loss)
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
@@ -243,6 +247,20 @@ class Codebook(nn.Module):
         self.last_used[which] = self.calls
         return k
 
+    def nearest(self, flat):
+        """The index of the nearest code of each row of flat (N, d), in float32, touching no buffer."""
+        e = self.embed.weight.float()
+        with torch.autocast(flat.device.type, enabled=False):     # bf16 distances pick wrong codes
+            # ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2, nearest code per latent vector
+            return (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]).argmin(dim=1)
+
+    def lookup(self, z_e):
+        """z_e (B, d, t, h, w) -> its nearest codes, without gradients and without counting as a training call
+        (the discriminator's turn reconstructs with it: that turn must not age or restart codes)."""
+        flat = rearrange(z_e, "b d t h w -> (b t h w) d").float()
+        return rearrange(self.embed.weight.float()[self.nearest(flat)], "(b t h w) d -> b d t h w", b=z_e.shape[0],
+                         t=z_e.shape[2], h=z_e.shape[3]).to(z_e.dtype)
+
     def forward(self, z_e):
         """z_e (B, d, t, h, w) -> z_q with straight-through gradients, the code indices (B, t, h, w), the two terms
         of Eq. (2), and the batch's usage statistics."""
@@ -256,9 +274,7 @@ class Codebook(nn.Module):
             elif self.restart_after:                               # decided on synced buffers: all ranks agree
                 moved = self._move(self.calls - self.last_used > self.restart_after, flat.detach())
         e = self.embed.weight.float()
-        with torch.autocast(z_e.device.type, enabled=False):      # bf16 distances pick wrong codes
-            # ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2, nearest code per latent vector
-            index = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]).argmin(dim=1)
+        index = self.nearest(flat)
         z_q = rearrange(e[index], "(b t h w) d -> b d t h w", b=B, t=t, h=h)
         codebook = F.mse_loss(z_q, z_e.detach().float())          # Eq. (2), first term: ||sg[z_e] - e||^2
         commit = F.mse_loss(z_e.float(), z_q.detach())            # second term, x beta by the caller
@@ -335,8 +351,10 @@ class Discriminator3D(nn.Module):
 
 
 class AdversarialVQGAN(nn.Module):
-    """The VQGAN and its discriminator as one module: one checkpoint, one optimizer, and a forward that is one
-    batch's loss for both players, so DDP sees every step."""
+    """The VQGAN and its discriminator as one module: one checkpoint, one optimizer (Adam keeps each parameter's
+    moments, so it is two Adams in one), and a forward that is one batch's loss for the player whose turn it is
+    (vqgan_loss), so DDP sees every step. `steps` counts the calls: it decides the turns, and a resumed run
+    continues them."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -348,13 +366,30 @@ class AdversarialVQGAN(nn.Module):
         return vqgan_loss(self, x, cfg, lpips)
 
 
+def vqgan_turn(step: int, disc_start: int) -> bool:
+    """Whether optimizer step `step` (0-based) is the VQGAN's: every step before --disc-start, then every other
+    one, the VQGAN's first (gan.generator_turn)."""
+    return not started(step, disc_start) or generator_turn(step - disc_start)
+
+
 def vqgan_loss(model: AdversarialVQGAN, x, cfg: Config, lpips=None):
-    """Eq. (5) for one batch: L_recon + lambda_1 L_vq, and from --disc-start on lambda_2 L_disc + lambda_3 L_aux.
-    The generator side of L_disc is the non-saturating -log D(x_hat) and reaches D's weights detached
-    (gan.frozen); the discriminator side, -log D(x) - log(1 - D(x_hat)) on a detached x_hat, reaches no VQGAN
-    weight. The real features of Eq. (4) are held fixed."""
+    """Eq. (5) for one batch, split between the two players, whose optimizer steps alternate as TATS's two
+    optimizers do (official tats/tats_vqgan.py: training_step's optimizer_idx), each with its own gradient clip:
+    a step leaves the other player's parameters without a gradient, so the optimizer does not move them and
+    train_stage's clip measures only this player's norm. Ours: a turn takes a batch of its own (TATS runs both on
+    one batch), so --ae-steps counts the two players' steps together.
+      VQGAN's turn (every step before --disc-start):  L_recon + lambda_1 L_vq [+ lambda_2 L_g + lambda_3 L_aux],
+        L_g the non-saturating -log D(x_hat) through D's detached weights (gan.frozen), the real features of
+        Eq. (4) held fixed;
+      discriminator's turn (from --disc-start, every other step):  lambda_2 L_d, -log D(x) - log(1 - D(x_hat))
+        on a reconstruction made without gradients and without counting as a codebook call."""
     step = int(model.steps)
     model.steps += 1
+    if not vqgan_turn(step, cfg.disc_start):
+        with torch.no_grad():
+            x_hat = model.vq.decode(model.vq.codebook.lookup(model.vq.encode(x)))
+        d = vanilla_d_loss(model.disc(x)[0], model.disc(x_hat)[0])        # Eq. (3), the discriminator's side
+        return {"loss": cfg.lam_disc * d, "d": d}
     z_q, _, codebook, commit, stats = model.vq.codebook(model.vq.encode(x))
     x_hat = model.vq.decode(z_q)
     l2 = (x_hat.float() - x).pow(2).mean()                           # Eq. (1): ||x - x_hat||^2
@@ -368,12 +403,12 @@ def vqgan_loss(model: AdversarialVQGAN, x, cfg: Config, lpips=None):
     out.update(vq=vq, **stats)
     if started(step, cfg.disc_start):
         fake, fake_feats = frozen(model.disc, x_hat)
-        real, real_feats = model.disc(x)
+        with torch.no_grad():
+            real_feats = model.disc(x)[1]
         g = vanilla_g_loss(fake)                                     # Eq. (3), the generator's side
         aux = feature_matching(fake_feats, real_feats, "l2")         # Eq. (4): sum_i ||D_i(x) - D_i(x_hat)||^2
-        d = vanilla_d_loss(real, model.disc(x_hat.detach())[0])      # Eq. (3), the discriminator's side
-        loss = loss + cfg.lam_disc * (g + d) + cfg.lam_aux * aux
-        out.update(g=g, d=d, aux=aux)
+        loss = loss + cfg.lam_disc * g + cfg.lam_aux * aux
+        out.update(g=g, aux=aux)
     return {"loss": loss, **out}
 
 
@@ -400,9 +435,11 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
 
 
-# Copied from lvdm.py::SpatialAttention
 class SpatialAttention(nn.Module):
-    """Multi-head self-attention over the H*W positions of each frame, zero-initialised output."""
+    """Multi-head self-attention over the H*W positions of each frame, zero-initialised output. Its GroupNorm
+    normalises each frame on its own (lvdm.py's, whose statistics pool over T*H*W, would let a later frame change
+    an earlier one's attention, beside Fig. 2's causal temporal attention): spatial + temporal attention are
+    causal in time together (Attention)."""
 
     def __init__(self, ch, heads):
         super().__init__()
@@ -411,8 +448,8 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x):                         # x (B, C, T, H, W)
         B, C, T, H, W = x.shape
-        q, k, v = rearrange(self.qkv(self.norm(x)), "b (three h d) t y x -> three (b t) h (y x) d",
-                            three=3, h=self.heads)
+        h = rearrange(self.norm(rearrange(x, "b c t y x -> (b t) c y x")), "(b t) c y x -> b c t y x", b=B)
+        q, k, v = rearrange(self.qkv(h), "b (three h d) t y x -> three (b t) h (y x) d", three=3, h=self.heads)
         o = F.scaled_dot_product_attention(q, k, v)
         return x + self.out(rearrange(o, "(b t) h (y x) d -> b (h d) t y x", t=T, y=H))
 
@@ -438,7 +475,10 @@ class CausalTemporalAttention(nn.Module):
 
 
 class Attention(nn.Module):
-    """Fig. 2's order: spatial attention, then causal temporal attention."""
+    """Fig. 2's order: spatial attention, then causal temporal attention. Together causal in time: output frame i
+    depends on input frames j <= i only. The U-Net as a whole is not: its ResBlocks' GroupNorm pools over frames
+    and their 3x3x3 convolutions see one frame on each side (§2.3: GroupNorm and Conv3D with replication padding
+    in time), as in the paper; so do the input, upsampling and output convolutions and the output GroupNorm."""
 
     def __init__(self, ch, heads):
         super().__init__()
@@ -492,7 +532,7 @@ class UNet3D(nn.Module):
         # Eq. (6): emb_fps = Linear(SiLU(Linear(PE(fps)))), "the same form as the timestep embedding"
         self.fps_mlp = nn.Sequential(nn.Linear(cfg.ch, emb), nn.SiLU(), nn.Linear(emb, emb)) if cfg.fps_cond else None
         self.label_emb = nn.Embedding(self.num_classes + 1, emb) if self.num_classes else None
-        # z_diff = scale (z + shift) per channel, mapping the codebook's range onto [-1, 1] (set_latent_range)
+        # z_diff = scale (z + shift) per channel, the training latents' range onto [-1, 1] (set_latent_range)
         self.register_buffer("latent_shift", torch.zeros(cfg.z_channels, 1, 1, 1))
         self.register_buffer("latent_scale", torch.ones(cfg.z_channels, 1, 1, 1))
 
@@ -622,17 +662,30 @@ def latents(vq: VQGAN3D, x, kind: str):
 
 
 @torch.no_grad()
-def set_latent_range(unet: UNet3D, vq: VQGAN3D):
-    """shift and scale that map each channel's range over the codebook onto [-1, 1] (ours, as the medicaldiffusion
-    code does for TATS latents; the paper does not say how its latents are scaled). z_e sits on or near a code,
-    so the diffused latents live where DDPM's pixels do, and sampling clips x0_hat to [-1, 1] as DDPM does: with
-    beta from 1e-4 to 0.02, alpha_bar_T = 4e-5 and an unclipped x0_hat = (z_t - sqrt(1 - alpha_bar) eps_hat) /
-    sqrt(alpha_bar) multiplies the error of eps_hat by up to 157 (the unclipped sampler diverged, std 5-9)."""
-    e = vq.codebook.embed.weight.float()                           # (n_codes, d)
-    lo, hi = e.min(dim=0).values, e.max(dim=0).values
+def set_latent_range(unet: UNet3D, vq: VQGAN3D, data, device, clips=32, batch_size=8, seed=0):
+    """shift and scale that map each channel's range over the training latents onto [-1, 1] (ours; the paper does
+    not say how its latents are scaled, and the medicaldiffusion code maps TATS latents from the codebook's range,
+    which left 0.65 % of our mapped z_e outside [-1, 1], up to 1.57): the range of z_e and of the codes it picks,
+    over `clips` training clips at random starts. Sampling clips x0_hat to this box, as DDPM clips pixels
+    (generate). Returns the box (lo, hi per channel); the fraction of z_e of `clips` other training clips that
+    falls outside it; and the mean and std of the mapped latents (what `train` logs). Its own random generator:
+    the same box whichever command computes it."""
+    rng = np.random.default_rng([seed, 2])
+    keys = [(int(i), [seed, 2, k]) for k, i in enumerate(rng.integers(len(data), size=2 * clips))]
+
+    def encode(keys):
+        z_e = torch.cat([vq.encode(torch.stack([data[key]["video"] for key in keys[b:b + batch_size]]).to(device))
+                         for b in range(0, len(keys), batch_size)]).float()
+        return z_e, vq.codebook.lookup(z_e).float()
+
+    z_e, z_q = encode(keys[:clips])
+    lo = torch.minimum(z_e.amin(dim=(0, 2, 3, 4)), z_q.amin(dim=(0, 2, 3, 4)))
+    hi = torch.maximum(z_e.amax(dim=(0, 2, 3, 4)), z_q.amax(dim=(0, 2, 3, 4)))
     unet.latent_shift.copy_((-(lo + hi) / 2).reshape(-1, 1, 1, 1))
     unet.latent_scale.copy_((2 / (hi - lo).clamp_min(1e-6)).reshape(-1, 1, 1, 1))
-    return lo.tolist(), hi.tolist()
+    mapped = unet.to_diffusion(z_e)
+    outside = (unet.to_diffusion(encode(keys[clips:])[0]).abs() > 1).float().mean().item()
+    return lo.tolist(), hi.tolist(), outside, mapped.mean().item(), mapped.std().item()
 
 
 def train(args):
@@ -688,9 +741,10 @@ def train(args):
 
     # stage 2: the latent diffusion model, joint class-conditional and unconditional (§2.3, §2.4)
     if not run.has("diffusion"):
-        lo, hi = set_latent_range(unet, vq)
-        run.print("diffusion: the codebook's range per channel, " + ", ".join(f"[{a:.2f}, {b:.2f}]" for a, b in
-                                                                                zip(lo, hi)) + ", maps onto [-1, 1]")
+        lo, hi, outside, mean, std = set_latent_range(unet, vq, data, dev, seed=cfg.seed)
+        run.print("diffusion: the training latents' range per channel, " + ", ".join(
+            f"[{a:.2f}, {b:.2f}]" for a, b in zip(lo, hi)) + f", maps onto [-1, 1] (mean {mean:.2f}, std {std:.2f});"
+            f" {100 * outside:.2f} % of other training clips' z_e fall outside it")
     labels = torch.arange(8) % cfg.num_classes if cfg.num_classes else None
 
     def loss(net, batch):
@@ -742,7 +796,10 @@ def generate(unet: UNet3D, vq: VQGAN3D, sched: Schedule, cfg: Config, *, n, labe
         eps_fn = eps(labels) if guidance == 1 else guided(eps(labels), eps(unet.null_label(n, device)), guidance,
                                                           cfg_vqvdm)
     z_T = noise(torch.empty(n, cfg.z_channels, l, h, h))
-    # x0_hat clipped to [-1, 1], the codebook's range (set_latent_range), as DDPM clips pixels
+    # x0_hat clipped to [-1, 1], the training latents' range (set_latent_range), as DDPM clips pixels. Unclipped,
+    # the chain blew up (std 5-9): near t = T, x0_hat = (z_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar)
+    # keeps sqrt((1 - alpha_bar) / alpha_bar) = 157 times the noise that eps_hat under-predicts (a regression
+    # towards 0 where the network is unsure), and the posterior's x0 coefficient carries it into z_{t-1}
     if sampler == "ddpm":
         z = ddpm_sample(eps_fn, z_T, sched, steps, clip_x0=1.0, noise_fn=noise, progress=progress)
     else:
