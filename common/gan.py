@@ -8,7 +8,7 @@ A paper script picks its recipe from these pieces in a few lines:
             lvdm/models/losses/contperceptual.py)
     VQ-VDM  its own 3D discriminator (vqvdm.py::Discriminator3D, not this PatchGAN) with pix2pix's init from here,
             vanilla loss, squared-L2 feature matching (§2.2, Eq. 3-5), adversarial terms off for the first 10,000
-            steps
+            steps, then VQGAN and discriminator steps alternating as TATS does (generator_turn)
 
 Conventions: D returns (logits, features of every layer but the last); "real" and "fake" are logits.
 """
