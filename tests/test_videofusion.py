@@ -635,3 +635,137 @@ def test_sample_with_oracle_generators_returns_the_clip(space, sampler, mode, mo
     assert len(steps) == 7 and steps[0] == sched.T - 1 and steps[-1] == 0     # from pure noise to the data
     nulls = sum(label is not None and bool((label == 3).all()) for _, label in oracle.calls)
     assert nulls == (7 if mode == "guidance" else 0) and len(oracle.calls) == 7 + nulls
+
+
+# --- Every block contributes (issue 23) ---
+
+def contribution_inputs(temporal):
+    """A randomised U-Net of each kind on frames with H != W and N != H, with labels; t and labels to vary."""
+    torch.manual_seed(0)
+    cfg = small_cfg(frames=5, num_classes=3)
+    _, model, _ = vf.build(cfg, "cpu")
+    net = randomize(model.residual if temporal else model.base, 4).eval()
+    x = torch.randn(2, 3, 5, 16, 12) if temporal else torch.randn(2, 3, 16, 12)
+    return net, x, torch.tensor([3, 801]), torch.tensor([0, 2])
+
+
+def blocks_of(net):
+    """Every block the U-Net is built from: the input conv, each layer of each stage, the output head."""
+    return [("inp", net.inp)] + [(f"{part}.{i}.{j}", layer) for part in ("down", "mid", "up")
+                                 for i, stage in enumerate([net.mid] if part == "mid" else getattr(net, part))
+                                 for j, layer in enumerate(stage)] + [("out", net.out)]
+
+
+@pytest.mark.parametrize("temporal", [False, True], ids=["base", "residual"])
+def test_every_module_of_each_generator_runs_exactly_once_per_call(temporal):
+    net, x, t, label = contribution_inputs(temporal)
+    calls = {}
+    for name, module in net.named_modules():
+        module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    net(x, t, label)
+    called = [name for name, m in net.named_modules() if type(m) is not nn.ModuleList]   # down/up: lists, not run
+    assert {name: calls.get(name, 0) for name in called} == {name: 1 for name in called}
+
+
+@pytest.mark.parametrize("temporal", [False, True], ids=["base", "residual"])
+def test_removing_any_one_block_changes_the_output(temporal):
+    """A block whose output is replaced by its input (or by zeros where it changes the shape) must change what the
+    generator predicts: none is built and then bypassed."""
+    net, x, t, label = contribution_inputs(temporal)
+    with torch.no_grad():
+        y = net(x, t, label)
+        for name, block in blocks_of(net):
+            def remove(m, args, out):
+                return args[0] if args[0].shape == out.shape else torch.zeros_like(out)
+            handle = block.register_forward_hook(remove)
+            changed = (net(x, t, label) - y).abs().max()
+            handle.remove()
+            assert changed > 1e-3 * y.abs().max(), name
+
+
+@pytest.mark.parametrize("temporal", [False, True], ids=["base", "residual"])
+def test_every_resblock_gets_the_embedding_of_t_label_and_frame_and_uses_it(temporal):
+    """Each ResBlock receives the one embedding of (t, label[, frame index i]) the network computed, which differs
+    for every change of t, of the label and (residual generator) of the frame, and its output changes with it."""
+    net, x, t, label = contribution_inputs(temporal)
+    blocks = [m for m in net.modules() if isinstance(m, vf.ResBlock)]
+    assert len(blocks) == 8           # 2 levels: 1 down + 2 up each, and 2 in the middle
+
+    def inputs(t_, label_):
+        seen = []
+        handles = [b.register_forward_pre_hook(lambda m, a: seen.append((a[0], a[1]))) for b in blocks]
+        with torch.no_grad():
+            net(x, t_, label_)
+        [h.remove() for h in handles]
+        return seen
+
+    base = inputs(t, label)
+    other_t, other_label = inputs(t.flip(0), label), inputs(t, torch.tensor([1, 3]))   # 3: the "no label" entry
+    n = 5 if temporal else 1
+    for block, (h, emb), (_, emb_t), (_, emb_l) in zip(blocks, base, other_t, other_label):
+        assert torch.equal(emb, base[0][1])                               # the same embedding in every block
+        assert emb.shape[0] == 2 * n
+        assert ((emb - emb_t).abs().amax(1) > 1e-4).all() and ((emb - emb_l).abs().amax(1) > 1e-4).all()
+        if temporal:                                                      # frame i of a video: its own embedding
+            per_video = emb.reshape(2, n, -1)
+            assert all((per_video[:, i] - per_video[:, j]).abs().amax() > 1e-4 for i in range(n) for j in range(i))
+        with torch.no_grad():
+            assert (block(h, emb, n) - block(h, emb_t, n)).abs().amax() > 1e-4
+            assert (block(h, emb, n) - block(h, emb_l, n)).abs().amax() > 1e-4
+
+
+def test_every_autoencoder_module_runs_once_and_each_layer_contributes():
+    torch.manual_seed(0)
+    ae = randomize(vf.FrameAutoencoder(8, 4, 4), 5).eval()
+    x = torch.rand(1, 3, 3, 16, 12) * 2 - 1
+    calls = {}
+    for name, module in ae.named_modules():
+        module.register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    with torch.no_grad():
+        y = ae.decode(ae.encode(x)[0])
+    assert {n: calls.get(n, 0) for n, m in ae.named_modules() if m is not ae} == \
+        {n: 1 for n, m in ae.named_modules() if m is not ae}
+    for name, layer in [*ae.encoder.named_children(), *ae.decoder.named_children()]:
+        handle = layer.register_forward_hook(lambda m, a, o: a[0] if a[0].shape == o.shape else torch.zeros_like(o))
+        with torch.no_grad():
+            changed = (ae.decode(ae.encode(x)[0]) - y).abs().max()
+        handle.remove()
+        assert changed > 1e-4, name
+
+
+TRAINED = {   # flags -> for each stage, the parameter names (prefixes) its optimizer must hold
+    "latent-stop-grad": (["--space", "latent", "--ae-steps", "1", "--base-steps", "1"],
+                         {"ae": ("encoder.", "decoder."), "base-pretrain": ("",), "diffusion": ("base.", "residual.")}),
+    "pixel-fixed": (["--joint", "fixed", "--base-steps", "1"],
+                    {"base-pretrain": ("",), "diffusion": ("residual.",)}),
+}
+
+
+@pytest.mark.parametrize("setting", list(TRAINED))
+def test_every_parameter_a_stage_trains_gets_a_gradient(setting, tmp_path, monkeypatch):
+    """In `train`, each stage's optimizer holds exactly the parameters that stage trains (Table 7 "Fixed": not the
+    base generator; after `ae`: not the autoencoder), and one step's loss (on a randomised copy, so that the
+    zero-initialised output layers hide nothing) gives every one of them a non-zero gradient and no other."""
+    flags, expected = TRAINED[setting]
+    real_stage, seen = vf.train_stage, {}
+
+    def probe(run, stage, model, optimizer, loss_fn, data, **kw):
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        names = {n for n, p in model.named_parameters() if id(p) in trained}
+        net = randomize(__import__("copy").deepcopy(model), 6)
+        torch.manual_seed(0)
+        out = loss_fn(net, fixed_batch(data, 2))
+        (out["loss"] if isinstance(out, dict) else out).backward()
+        seen[stage] = names, {n: p.grad for n, p in net.named_parameters()}
+        return real_stage(run, stage, model, optimizer, loss_fn, data, **kw)
+
+    monkeypatch.setattr(vf, "train_stage", probe)
+    monkeypatch.setattr(vf, "generate", lambda *a, n, **kw: torch.zeros(n, 3, 4, 16, 16))   # the final samples:
+    monkeypatch.setattr(vf, "write_samples", lambda *a: "")                                # not this test's business
+    vf.cli(["train", "--run", str(tmp_path / "run"), "--steps", "1", *TINY, *flags])
+    assert set(seen) == set(expected)
+    for stage, prefixes in expected.items():
+        names, grads = seen[stage]
+        assert names == {n for n in grads if n.startswith(prefixes)}, stage
+        assert [n for n in names if grads[n] is None or not grads[n].abs().sum() > 0] == [], stage
+        assert [n for n in grads if n not in names and grads[n] is not None] == [], stage
