@@ -769,3 +769,197 @@ def test_every_parameter_a_stage_trains_gets_a_gradient(setting, tmp_path, monke
         assert names == {n for n in grads if n.startswith(prefixes)}, stage
         assert [n for n in names if grads[n] is None or not grads[n].abs().sum() > 0] == [], stage
         assert [n for n in grads if n not in names and grads[n] is not None] == [], stage
+
+
+# --- Exact references (issue 23) ---
+
+def attention_loop(tokens, w_qkv, b_qkv, w_out, b_out, heads):
+    """One sequence of L normalised tokens (L, C) -> (L, C): per head h (channels h*d..(h+1)*d of q, k and v, which
+    are the first, second and third C channels of the projection), one query at a time,
+    softmax_j(q_i . k_j / sqrt(d)) summed over v_j; then the output projection."""
+    L, C = tokens.shape
+    d = C // heads
+    qkv = tokens @ w_qkv.T + b_qkv
+    q, k, v = qkv[:, :C], qkv[:, C:2 * C], qkv[:, 2 * C:]
+    rows = []
+    for i in range(L):
+        out = []
+        for h in range(heads):
+            c = slice(h * d, (h + 1) * d)
+            w = torch.softmax(torch.stack([q[i, c] @ k[j, c] for j in range(L)]) / d ** 0.5, dim=0)
+            out.append(sum(w[j] * v[j, c] for j in range(L)))
+        rows.append(torch.cat(out))
+    return torch.stack(rows) @ w_out.T + b_out
+
+
+def spatial_attention_loop(m, x):
+    """x (F, C, H, W): each frame's H*W positions attend to each other, row by row."""
+    F_, C, H, W = x.shape
+    xn = m.norm(x)
+    out = torch.zeros_like(x)
+    for f in range(F_):
+        pos = [(y, xx) for y in range(H) for xx in range(W)]
+        o = attention_loop(torch.stack([xn[f, :, y, xx] for y, xx in pos]), m.qkv.weight[:, :, 0, 0], m.qkv.bias,
+                           m.out.weight[:, :, 0, 0], m.out.bias, m.heads)
+        for p, (y, xx) in enumerate(pos):
+            out[f, :, y, xx] = o[p]
+    return x + out
+
+
+def temporal_attention_loop(m, x, frames):
+    """x (B*N, C, H, W), video b's frame n at row b*N + n: at each pixel the N frames attend to each other."""
+    BN, C, H, W = x.shape
+    xn = m.norm(x)
+    out = torch.zeros_like(x)
+    for b in range(BN // frames):
+        for y in range(H):
+            for xx in range(W):
+                rows = [b * frames + n for n in range(frames)]
+                o = attention_loop(torch.stack([xn[r, :, y, xx] for r in rows]), m.qkv.weight, m.qkv.bias,
+                                   m.out.weight, m.out.bias, m.heads)
+                for n, r in enumerate(rows):
+                    out[r, :, y, xx] = o[n]
+    return x + out
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_attention_equals_a_slow_loop_in_values_and_gradients(kind):
+    """H = 3, W = 5, N = 4 frames: a transposed axis or a frame/video mix-up changes the values."""
+    torch.manual_seed(0)
+    B, N, C, H, W = 2, 4, 8, 3, 5
+    m = randomize((vf.SpatialAttention if kind == "spatial" else vf.TemporalAttention)(C, 2).double(), 7)
+    x = torch.randn(B * N, C, H, W, dtype=torch.float64, requires_grad=True)
+    ref = spatial_attention_loop(m, x) if kind == "spatial" else temporal_attention_loop(m, x, N)
+    out = m(x, None, N)
+    assert torch.allclose(out, ref, atol=1e-10)
+    g = torch.randn_like(out)
+    params = [x, *m.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@given(LAMS, st.integers(2, 9), st.integers(1, 3), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2 ** 31))
+def test_decomposed_noise_is_exactly_the_key_frames_base_and_weighted_sums_elsewhere(lam, N, B, H, W, seed):
+    """§3.1: eps^k = b for k = N // 2 (counted from 0); eps^i = sqrt(lam) b + sqrt(1 - lam) r^i for every other
+    frame, with one b per video shared by all its frames. Hence Var eps^i = 1, Cov(eps^i, eps^k) = sqrt(lam) and
+    Cov(eps^i, eps^j) = lam exactly, given independent standard normal b and r (the statistical test above)."""
+    eps, b, r = vf.decomposed_noise((B, 2, N, H, W), lam, torch.Generator().manual_seed(seed))
+    K = N // 2
+    assert b.shape == (B, 2, 1, H, W) and r.shape == eps.shape == (B, 2, N, H, W)
+    assert torch.equal(eps[:, :, K], b[:, :, 0])
+    for i in range(N):
+        if i != K:
+            assert torch.allclose(eps[:, :, i], lam ** 0.5 * b[:, :, 0] + (1 - lam) ** 0.5 * r[:, :, i], atol=1e-6)
+    assert torch.equal(vf.frame_lams(N, lam).flatten(), torch.tensor([1.0 if i == K else lam for i in range(N)]))
+
+
+@given(LAMS, st.sampled_from(["base", "residual"]), st.integers(1, 3), st.integers(1, 3), st.integers(0, 2 ** 31))
+def test_shared_noise_is_exactly_shared_within_a_group(lam, share, group, groups, seed):
+    """Figure 1: videos of one group of `group` share b (key frames identical) or r (eps^i - sqrt(lam) eps^k
+    identical on the other frames); the other part is each video's own."""
+    N, K, n = 5, 2, group * groups
+    eps, b, r = vf.decomposed_noise((n, 2, N, 3, 4), lam, torch.Generator().manual_seed(seed), share=share,
+                                    group=group)
+    first = torch.arange(n) // group * group                       # the first video of each one's group
+    shared, own = (eps[:, :, K], eps[:, :, 1]) if share == "base" else (eps[:, :, 1] - lam ** 0.5 * eps[:, :, K],
+                                                                          eps[:, :, K])
+    assert torch.allclose(shared, shared[first], atol=1e-6)
+    for j in range(n):
+        if j != first[j]:
+            assert not torch.allclose(own[j], own[first[j]])
+
+
+def test_ae_loss_gradient_is_l1_plus_the_kl_weight_times_the_kl():
+    """Both terms' gradients, at the default weight (1e-6) and at a visible one: a weight on the wrong term, or a
+    KL of the wrong form, changes the gradient even where it leaves the loss value."""
+    ae = randomize(vf.FrameAutoencoder(8, 4, 2), 8).double()
+    x = torch.rand(2, 3, 3, 8, 12, dtype=torch.float64) * 2 - 1
+    params = list(ae.parameters())
+    for kw, weight in [({}, 1e-6), ({"kl_weight": 0.3}, 0.3)]:
+        torch.manual_seed(0)
+        out = vf.ae_loss(ae, {"video": x}, **kw)
+        torch.manual_seed(0)
+        mean, logvar = ae.encode(x)
+        z = mean + torch.exp(logvar / 2) * torch.randn_like(mean)                  # the reparameterised sample
+        l1 = (ae.decode(z) - x).abs().mean()
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()                 # KL(N(m, s^2) || N(0, 1))
+        assert torch.allclose(out["l1"], l1) and torch.allclose(out["kl"], kl)
+        g_loss = torch.autograd.grad(out["loss"], params)
+        g_l1 = torch.autograd.grad(l1, params, retain_graph=True)
+        g_kl = torch.autograd.grad(kl, params, allow_unused=True)                 # the decoder has none
+        for a, b, c in zip(g_loss, g_l1, g_kl):
+            assert torch.allclose(a - b, weight * (torch.zeros_like(a) if c is None else c), rtol=1e-6, atol=1e-14)
+
+
+@pytest.mark.parametrize("joint", ["stop-grad", "full", "fixed"])
+def test_diffusion_loss_gradients_are_the_per_frame_l_t_of_section_3_3(joint, monkeypatch):
+    """L_t of §3.3 per frame, averaged over frames: ||eps^k - b_hat||^2 on the key frame, ||eps^i - sqrt(lam)
+    [b_hat]_sg - sqrt(1 - lam) r_hat^i||^2 elsewhere (sg only under stop-grad; Table 7 "Fixed" trains the residual
+    term alone). Each logged term and the total have the reference's gradient for every parameter."""
+    torch.manual_seed(0)
+    cfg = small_cfg(lam=0.3, frames=5, joint=joint)
+    sched, model, _ = vf.build(cfg, "cpu")
+    randomize(model, 9)
+    seen = {}
+    real_q = sched.q_sample
+
+    def q_sample(x0, t, eps):                                     # the noise of the forward process it drew
+        seen["eps"] = eps
+        return real_q(x0, t, eps)
+
+    monkeypatch.setattr(sched, "q_sample", q_sample)
+
+    def net(z_t, t, label):
+        seen["b_hat"], seen["r_hat"] = model(z_t, t, label)
+        return seen["b_hat"], seen["r_hat"]
+
+    out = vf.diffusion_loss(net, model, sched, torch.rand(2, 3, 5, 16, 16) * 2 - 1, None, 0.0)
+    eps, b_hat, r_hat, K, lam = seen["eps"], seen["b_hat"], seen["r_hat"], 2, 0.3
+    others = [0, 1, 3, 4]
+    b_in_residual = b_hat if joint == "full" else b_hat.detach()
+    key_term = ((eps[:, :, K] - b_hat[:, :, 0]) ** 2).mean()
+    other_terms = ((eps[:, :, others] - lam ** 0.5 * b_in_residual - (1 - lam) ** 0.5 * r_hat[:, :, others]) ** 2)
+    residual_term = other_terms.mean()
+    # the mean over the 5 frames of each frame's L_t
+    total = residual_term if joint == "fixed" else (key_term + other_terms.mean(dim=(0, 1, 3, 4)).sum()) / 5
+    params = list(model.parameters())
+    for name, ref in [("loss", total), ("base", key_term), ("residual", residual_term)]:
+        if name == "base" and joint == "fixed":
+            assert not out["base"].requires_grad
+            continue
+        assert torch.allclose(out[name], ref, rtol=1e-5), name
+        got = torch.autograd.grad(out[name], params, retain_graph=True, allow_unused=True)
+        want = torch.autograd.grad(ref, params, retain_graph=True, allow_unused=True)
+        for p, a, b in zip(params, got, want):
+            a = torch.zeros_like(p) if a is None else a
+            b = torch.zeros_like(p) if b is None else b
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), name
+
+
+def test_drop_labels_drops_with_probability_exactly_p_uncond(monkeypatch):
+    """u ~ U[0, 1) and drop iff u < p: P(drop) = p, so u = p keeps the label, the largest u below p drops it, p = 0
+    never drops (u = 0 kept) and p = 1 always does (the largest u below 1 dropped)."""
+    label = torch.tensor([0, 1, 2, 3])
+    p = 0.25
+    below = float(np.nextafter(np.float32(p), np.float32(0)))
+    u = torch.tensor([p, below, 0.0, float(np.nextafter(np.float32(1), np.float32(0)))])
+    monkeypatch.setattr(torch, "rand", lambda shape, device=None: u)
+    assert vf.drop_labels(label, 5, p).tolist() == [0, 5, 5, 3]
+    assert vf.drop_labels(label, 5, 0.0).tolist() == [0, 1, 2, 3]
+    assert vf.drop_labels(label, 5, 1.0).tolist() == [5, 5, 5, 5]
+    assert vf.drop_labels(label, 0, 0.5) is None
+
+
+@pytest.mark.parametrize("loss", ["diffusion", "image"])
+def test_training_draws_every_timestep_from_0_to_T_minus_1(loss, monkeypatch):
+    sched = Schedule.make("linear", 6)
+    model = vf.VideoFusion(small_cfg(timesteps=6), sched)
+    drawn = []
+    real_q = sched.q_sample
+    monkeypatch.setattr(sched, "q_sample", lambda x0, t, eps: drawn.extend(t.tolist()) or real_q(x0, t, eps))
+    torch.manual_seed(0)
+    if loss == "diffusion":
+        vf.diffusion_loss(lambda z, t, label: (z[:, :, :1], z), model, sched, torch.zeros(200, 1, 2, 1, 1), None, 0.0)
+    else:
+        vf.image_loss(lambda z, t, label: z, sched, torch.zeros(200, 1, 1, 1), None)
+    assert set(drawn) == set(range(6))
