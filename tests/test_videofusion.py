@@ -517,7 +517,7 @@ class OracleGenerators:
 
     def __init__(self, model, sched, clips, expect_labels, share, group):
         self.sched, self.clips, self.expect_labels = sched, clips.double(), expect_labels
-        self.share, self.group, self.calls = share, group, []
+        self.share, self.group, self.calls, self.bases = share, group, [], []
         model.register_forward_pre_hook(lambda m, args: setattr(self, "z_t", args[0]))
         model.base, model.residual = _OracleBase(self), _OracleResidual(self)
 
@@ -554,6 +554,7 @@ class _OracleBase(nn.Module):
         ab, x0 = o.targets(t, label, z_k)
         o.b = (z_k.double() - ab[:, :, 0].sqrt() * x0[:, :, K]) / (1 - ab[:, :, 0]).sqrt()
         o.calls.append((int(t[0]), None if label is None else label.clone()))
+        o.bases.append(o.b)
         return o.b.to(z_k.dtype)
 
 
@@ -633,6 +634,11 @@ def test_sample_with_oracle_generators_returns_the_clip(space, sampler, mode, mo
     assert torch.allclose(out["videos"], expected, atol=2e-5), (out["videos"] - expected).abs().max()
     steps = sorted({t for t, _ in oracle.calls}, reverse=True)
     assert len(steps) == 7 and steps[0] == sched.T - 1 and steps[-1] == 0     # from pure noise to the data
+    # the key frame's noise at each step: kept by deterministic DDIM (Alg. 2), fresh in part at every DDPM step
+    # (Alg. 1) and at every DDIM step with eta > 0
+    per_step = list({t: b for (t, _), b in zip(oracle.calls, oracle.bases)}.values())
+    kept = [torch.allclose(b, per_step[0], atol=1e-4) for b in per_step]
+    assert all(kept) if sampler == "ddim" else not any(kept[1:])
     nulls = sum(label is not None and bool((label == 3).all()) for _, label in oracle.calls)
     assert nulls == (7 if mode == "guidance" else 0) and len(oracle.calls) == 7 + nulls
 
