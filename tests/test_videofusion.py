@@ -1,4 +1,5 @@
 """VideoFusion: properties of the decomposed diffusion, and the script's behaviour end to end on small data."""
+import copy
 import json
 from dataclasses import replace
 
@@ -121,8 +122,9 @@ def test_share_base_groups_share_b_and_share_residual_groups_share_r():
 # --- networks and losses ---
 
 def small_cfg(**kw):
-    return replace(vf.PRESETS["tiny"], **{**dict(base_ch=8, base_mult=(1, 2), res_ch=8, res_mult=(1, 2), attn_res=(8,),
-                                                  temporal_res=(16, 8), heads=2, frames=4, resolution=16, ae_ch=8), **kw})
+    small = dict(base_ch=8, base_mult=(1, 2), res_ch=8, res_mult=(1, 2), attn_res=(8,), temporal_res=(16, 8), heads=2,
+                 frames=4, resolution=16, ae_ch=8)
+    return replace(vf.PRESETS["tiny"], **{**small, **kw})
 
 
 def test_generators_map_shapes_and_the_residual_sees_other_frames():
@@ -706,6 +708,9 @@ def test_every_resblock_gets_the_embedding_of_t_label_and_frame_and_uses_it(temp
         return seen
 
     base = inputs(t, label)
+    if temporal:                      # two videos at one (t, label): frame i's embedding is the same in both
+        same = inputs(torch.tensor([3, 3]), torch.tensor([0, 0]))[0][1].reshape(2, 5, -1)
+        assert torch.equal(same[0], same[1])
     other_t, other_label = inputs(t.flip(0), label), inputs(t, torch.tensor([1, 3]))   # 3: the "no label" entry
     n = 5 if temporal else 1
     for block, (h, emb), (_, emb_t), (_, emb_l) in zip(blocks, base, other_t, other_label):
@@ -714,7 +719,8 @@ def test_every_resblock_gets_the_embedding_of_t_label_and_frame_and_uses_it(temp
         assert ((emb - emb_t).abs().amax(1) > 1e-4).all() and ((emb - emb_l).abs().amax(1) > 1e-4).all()
         if temporal:                                                      # frame i of a video: its own embedding
             per_video = emb.reshape(2, n, -1)
-            assert all((per_video[:, i] - per_video[:, j]).abs().amax() > 1e-4 for i in range(n) for j in range(i))
+            assert all(((per_video[:, i] - per_video[:, j]).abs().amax(-1) > 1e-4).all()
+                       for i in range(n) for j in range(i))
         with torch.no_grad():
             assert (block(h, emb, n) - block(h, emb_t, n)).abs().amax() > 1e-4
             assert (block(h, emb, n) - block(h, emb_l, n)).abs().amax() > 1e-4
@@ -758,7 +764,7 @@ def test_every_parameter_a_stage_trains_gets_a_gradient(setting, tmp_path, monke
     def probe(run, stage, model, optimizer, loss_fn, data, **kw):
         trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
         names = {n for n, p in model.named_parameters() if id(p) in trained}
-        net = randomize(__import__("copy").deepcopy(model), 6)
+        net = randomize(copy.deepcopy(model), 6)
         torch.manual_seed(0)
         out = loss_fn(net, fixed_batch(data, 2))
         (out["loss"] if isinstance(out, dict) else out).backward()
