@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import videofusion as vf
@@ -975,3 +976,18 @@ def test_training_draws_every_timestep_from_0_to_T_minus_1(loss, monkeypatch):
     else:
         vf.image_loss(lambda z, t, label: z, sched, torch.zeros(200, 1, 1, 1), None)
     assert set(drawn) == set(range(6))
+
+
+def test_resblock_is_adms_scale_and_shift_of_the_second_norm():
+    """ADM's ResBlock, written out: h = conv1(SiLU(GN(x))); (s, m) = Linear(SiLU(emb)) split in two;
+    out = skip(x) + conv2(SiLU(GN(h) (1 + s) + m)): the embedding scales and shifts every channel."""
+    block = randomize(vf.ResBlock(4, 8, 6, 0.0), 10).double()
+    x, emb = torch.randn(3, 4, 5, 7, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    h = F.conv2d(F.silu(F.group_norm(x, block.norm1.num_groups, block.norm1.weight, block.norm1.bias)),
+                 block.conv1.weight, block.conv1.bias, padding=1)
+    st = F.silu(emb) @ block.emb.weight.T + block.emb.bias
+    scale, shift = st[:, :8, None, None], st[:, 8:, None, None]
+    h = F.group_norm(h, block.norm2.num_groups, block.norm2.weight, block.norm2.bias) * (1 + scale) + shift
+    ref = F.conv2d(x, block.skip.weight, block.skip.bias) + F.conv2d(F.silu(h), block.conv2.weight, block.conv2.bias,
+                                                                       padding=1)
+    assert torch.allclose(block(x, emb, 1), ref, atol=1e-12)
