@@ -96,7 +96,8 @@ def test_the_whole_check_passes_on_a_cpu_at_the_tiny_presets_without_pyav(no_pya
         if " train " in name:
             assert float(step_s) > 0 and float(tflops) > 0, name
     assert "skipped" in rows["tests"][-1] and "gloo" in rows["torchrun"][-1]
-    assert "graphs compiled" in rows["vdm compile base"][-1]
+    assert "from step 10 to 20, " in rows["vdm resume+compile base"][-1] and "graph(s) compiled" in \
+        rows["vdm resume+compile base"][-1]
 
 
 def test_the_meter_counts_a_steps_flops_and_times_the_steps_after_the_second():
