@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from common.errors import UserError
 from common.files import atomic_write, cache_dir
-from common.video import IMAGE_EXTS, VIDEO_EXTS, probe, read_frames
+from common.video import IMAGE_EXTS, VIDEO_EXTS, probe, pyav, read_frames
 
 DATASETS = ("synthetic", "ucf101", "sky", "taichi", "folder")
 LABELLED = ("synthetic", "ucf101")     # the datasets whose clips carry a class label
@@ -105,6 +105,8 @@ class SyntheticVideos(Dataset):
 def _probe_all(paths: list) -> dict:
     """{path: (frames, fps)} for every readable path; unreadable ones are warned about and left out.
     Results are cached on disk, keyed by path, size and modification time, so a second run starts at once."""
+    if any(not p.is_dir() for p in paths):
+        pyav()      # video files need it: one error now, not a warning per file that leaves none to train on
     cache_file = cache_dir() / "probe.json"
     try:
         cache = json.loads(cache_file.read_text())

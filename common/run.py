@@ -92,11 +92,12 @@ class Dist:
 
 
 def init_distributed(device_name: str):
-    """(Dist, device). Under torchrun: NCCL on CUDA, gloo on CPU. Otherwise a single process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
+    """(Dist, device). Under torchrun (it sets RANK): a process group, NCCL on CUDA, gloo on CPU, also for one
+    process, so that `torchrun --nproc_per_node=1` on a one-GPU machine runs the code N processes run (NCCL, DDP).
+    Otherwise a single process."""
+    if "RANK" not in os.environ:
         return Dist(), pick_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     device = pick_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -190,7 +190,7 @@ def train_stage(run: Run, stage: str, model: torch.nn.Module, optimizer: torch.o
                 "config": dataclasses.asdict(config), "script": run.script, "stage": stage, "rng": rng_state()})
 
     net = model
-    if run.dist.world > 1:
+    if dist.is_initialized():      # torchrun, with one process or more
         net = DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None,
                                       find_unused_parameters=find_unused_parameters)
     if run.compile:

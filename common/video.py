@@ -17,11 +17,14 @@ the time of PyAV used as its documentation shows (decode from the first frame, d
 Everything returns uint8 arrays (T, H, W, 3): grey, grey+alpha, palette and RGBA frames are converted to RGB (alpha
 dropped), 16-bit frames keep their high byte, and a frame whose size differs from the clip's first frame is resized
 to it.
+
+PyAV is imported where a video file is read or written (pyav()), not with this module: synthetic data, frame
+folders, training and the benchmarks run on a Python without it (the CUDA machines' may lack it).
 """
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import imageio.v3 as iio
 import numpy as np
 import torch
@@ -29,11 +32,22 @@ import torch.nn.functional as F
 
 from PIL import Image
 
+from common.errors import UserError
 from common.files import atomic_write
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".gif", ".mov", ".mkv")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 SEEKABLE = (".mp4", ".avi", ".webm", ".mov", ".mkv")   # containers with an index of key frames
+
+
+def pyav():
+    """The `av` module, or one sentence saying how to get it."""
+    try:
+        import av
+    except ImportError:
+        raise UserError("video files (.mp4 .avi .webm .gif .mov .mkv) are read and written with PyAV, which this "
+                        "Python lacks: pip install av") from None
+    return av
 
 
 def list_frames(folder) -> list:
@@ -47,6 +61,7 @@ def probe(path) -> tuple:
     path = Path(path)
     if path.is_dir():
         return len(list_frames(path)), float("nan")
+    av = pyav()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
@@ -67,7 +82,7 @@ def read_frames(path, indices) -> np.ndarray:
         if indices[-1] >= len(files):
             raise EOFError(f"{path} has {len(files)} frames, needed {indices[-1] + 1}")
         return _same_size([read_image(files[i]) for i in indices])
-    with av.open(str(path)) as container:
+    with pyav().open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "NONE"   # one thread per file: workers decode files in parallel (module docstring)
         frames = None
@@ -182,11 +197,17 @@ def write_mp4(path, video: np.ndarray, fps: float = 8):
 
 def write_samples(out_dir, videos: np.ndarray, labels=None, fps: float = 8) -> Path:
     """The contract's sample outputs: samples.npz (`videos` uint8 (N, T, H, W, 3) and `labels` where
-    conditional), grid.gif of up to 16 videos, and one mp4 per video."""
+    conditional), grid.gif of up to 16 videos, and one mp4 per video. Without PyAV the mp4s are left out with a
+    warning: the npz and the GIF hold the same videos, and sampling took minutes that an error would throw away."""
     out_dir = Path(out_dir)
     arrays = {"videos": videos} if labels is None else {"videos": videos, "labels": np.asarray(labels)}
     atomic_write(out_dir / "samples.npz", lambda p: np.savez(p, **arrays))
     write_gif(out_dir / "grid.gif", make_grid(videos), fps)
+    try:
+        pyav()
+    except UserError as e:
+        warnings.warn(f"no .mp4 files written to {out_dir} (samples.npz and grid.gif are): {e}")
+        return out_dir
     for k, v in enumerate(videos):
         write_mp4(out_dir / f"video_{k:04d}.mp4", v, fps)
     return out_dir

@@ -26,15 +26,15 @@ import os
 import time
 from pathlib import Path
 
-import av
 import imageio.v3 as iio
 import numpy as np
 
 from common.cli import Parser, main
 from common.data import SyntheticVideos, make_dataset, make_loader
 from common.errors import UserError
-from common.video import list_frames, probe, read_frames
+from common.video import list_frames, probe, pyav, read_frames
 
+av = None       # PyAV, imported by run(): this module imports without it, as every other does
 CODECS = {".mp4": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9"}
 
 
@@ -161,7 +161,9 @@ def measure(out: Path, fmt: str, videos: np.ndarray, fps: int, resolution: int, 
 
 
 def run(argv=None):
+    global av
     args = parser().parse_args(argv)
+    av = pyav()         # every measurement writes or decodes video files: without PyAV, one error line first
     if args.videos < 1 or args.resolution < 2 or not 1 <= args.clip <= args.frames:
         raise UserError("expected --videos >= 1, --resolution >= 2 and 1 <= --clip <= --frames")
     out = Path(args.out).expanduser()

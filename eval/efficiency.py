@@ -34,9 +34,14 @@ encoder's forward once; recomputation by gradient checkpointing not counted), an
 card's dense peak for the precision (PEAK_TFLOPS; an unknown card gives null). fp32 means IEEE fp32 here: TF32 is
 switched off, so that the peak to compare with is the fp32 one.
 
-The papers do not publish their VDM baselines (research/lvdm_vqvdm_efficiency.md §3): vdm.py's presets are our
-reconstruction (a ~400M base at 16x64^2 as LVDM's "397M", a ~48M SR stage), and each row lists this and its other
-guesses under "guesses".
+The papers do not publish their VDM baselines (LVDM Table 2 gives only a base at 16x64^2 and a super-resolution
+stage of 397M + 48M parameters; PVDM Table 5, VQ-VDM Table 3 and VideoFusion Table 4 give no configuration):
+vdm.py's presets are our reconstruction (a ~400M base at 16x64^2 as LVDM's "397M", a ~48M SR stage), and each row
+lists this and its other guesses under "guesses".
+
+A protocol that runs out of GPU memory (torch's OutOfMemoryError, or a cuBLAS/cuDNN allocation failure) gives a row
+that says so, and the others still run; the table of the rows done is printed even when one fails otherwise. On a
+GPU cuDNN picks its fastest convolution algorithm for each shape (cudnn.benchmark) for every network alike.
 """
 import argparse
 import dataclasses
@@ -48,7 +53,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 # OpenMP reads its wait policy when torch loads it, hence before the import. Threads that spin while they wait hold
 # the core another process needs, and every op stalls: beside one busy process on this 2-core machine a VQ-VDM
@@ -328,6 +333,16 @@ def release():
         torch.cuda.empty_cache()
 
 
+# how running out of GPU memory shows: torch's own error (torch.OutOfMemoryError from 2.5, torch.cuda's before), or
+# a plain RuntimeError from a library that allocates for itself (cuBLAS's handle and workspace, cuDNN's workspace)
+OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None})
+OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, OOM_ERRORS) or (isinstance(e, RuntimeError) and any(m in str(e) for m in OOM_MESSAGES))
+
+
 def build(name: str, s: Setting, train: bool = False) -> nn.Module:
     """NETS[name] at the run's width divisor, initialised on the run's device (no CPU copy to make and move), in
     training or inference mode."""
@@ -338,6 +353,15 @@ def build(name: str, s: Setting, train: bool = False) -> nn.Module:
 
 def compiled(module: nn.Module, s: Setting):
     return torch.compile(module) if s.compile else module
+
+
+def compiled_call(name: str, module: nn.Module, s: Setting) -> Callable:
+    """NETS[name].call on module as one function, compiled with --compile. The call is compiled, not the module:
+    VideoFusion's step is its eps method (forward, then compose), and torch.compile(module).eps would reach the
+    original module's method and run it eagerly."""
+    def call(*args):
+        return NETS[name].call(module, *args)
+    return torch.compile(call) if s.compile else call
 
 
 def inputs(name: str, s: Setting, batch: int = 1) -> tuple:
@@ -384,26 +408,29 @@ def eps_of(s: Setting, fn):
     return eps_fn
 
 
-def train_step(s: Setting, model: nn.Module, loss_fn: Callable[[nn.Module], object]):
-    """One optimizer step as the scripts take it (common/train.py): loss under autocast, backward, AdamW."""
+def train_step(s: Setting, model: nn.Module, loss_fns: Sequence[Callable[[nn.Module], object]]):
+    """One optimizer step as the scripts take it (common/train.py): each loss of loss_fns under autocast, then its
+    backward, then AdamW. loss_fns are the micro-batches of one batch (usually one): their gradients accumulate,
+    each loss divided by their number, as common/train.py's --accumulate does."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     net = compiled(model, s)
 
     def step():
-        with autocast(s.device, s.dtype):
-            out = loss_fn(net)
-        (out["loss"] if isinstance(out, dict) else out).backward()
+        for loss_fn in loss_fns:
+            with autocast(s.device, s.dtype):
+                out = loss_fn(net)
+            ((out["loss"] if isinstance(out, dict) else out) / len(loss_fns)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
-def training(s: Setting, model: nn.Module, loss_fn, step_gflop: float) -> dict:
+def training(s: Setting, model: nn.Module, loss_fns: Sequence[Callable], step_gflop: float) -> dict:
     """Seconds per training step (typical() of s.train_steps after one warm-up step, which also makes AdamW's state),
     peak memory, achieved TFLOP/s (step_gflop: 3x the forward of a trained network, backward being ~2x; 1x that
     of a frozen one) and MFU."""
-    step = train_step(s, model, loss_fn)
+    step = train_step(s, model, loss_fns)
     with Peak(s.device) as peak:
         elapsed(s.device, step)
         seconds = typical(s, [elapsed(s.device, step) for _ in range(s.train_steps)])
@@ -429,19 +456,27 @@ def largest_batch(s: Setting, step_at: Callable[[int], Callable[[], None]], limi
     total = torch.cuda.get_device_properties(s.device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, MEMORY_CAP_GIB * GiB / total), s.device)
 
-    def fits(B):
-        try:
-            step_at(B)()
-            ok = True
-        except torch.OutOfMemoryError:
-            ok = False
-        release()            # after the except clause: until it ends, its traceback holds the batch's tensors
-        return ok
-
     try:
-        return largest_fitting(fits, limit)
+        return largest_fitting(lambda B: fits(step_at, B), limit)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, s.device)
+
+
+def fits(step_at: Callable[[int], Callable[[], None]], B: int) -> bool:
+    """Whether training at batch B fits in memory. Two steps are taken: AdamW makes its state (2 x the parameters, in
+    fp32) inside the first step, after the backward has freed the activations, so only the second step holds
+    activations, gradients and optimizer state at once, as every later step of a training run does."""
+    try:
+        step = step_at(B)
+        step()
+        step()
+        ok = True
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        ok = False
+    release()            # after the except clause: until it ends, its traceback holds the batch's tensors
+    return ok
 
 
 def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
@@ -549,12 +584,24 @@ def pvdm_table5(s: Setting) -> dict:
                            f"of {c.frames} (Alg. 1: N steps for the first, M for each later one)"},
         "guesses": [f"the paper's VDM configuration (one 256^2 model or a cascade) is not published: ours, "
                     f"vdm.py's base + SR cascade, costs {(g['vdm_base'] + g['vdm_sr']) / 1e3:.1f} TFLOP per step; "
-                    f"research §3.2 infers 4-7 from 113 s for 100 steps on a 3090Ti",
+                    f"Table 5's 113 s for 100 steps on a 3090Ti is ~1.1 s a step, which fits a network of 4-7 TFLOP "
+                    f"a step (a 64^2 base + SR cascade, or a small model at 256^2), not a ~400M one at 256^2",
                     "the 100/20-s comparison runs PVDM-L: pvdm.py (like the official code) has no PVDM-S",
                     f"VDM at {LONG_FRAMES} frames is out of memory in the paper and vdm.py has no long-video "
                     f"sampler: ours is a lower bound, {vdm_clips} independent {v.frames}-frame cascades",
-                    "the paper's memory tool is unknown; ours is torch's peak allocated and reserved"],
+                    "the paper's memory tool is unknown; ours is torch's peak allocated and reserved",
+                    *vdm_widths_guess(s)],
     }
+
+
+def vdm_widths_guess(s: Setting, stages=("base", "sr")) -> list:
+    """A guess to state where a row times VDM stages with channel counts that are not multiples of 8."""
+    odd = {stage: [shape.ch * m for m in shape.mult if shape.ch * m % 8]
+           for stage, shape in ((stage, vdm_shape(stage, s.divisor)) for stage in stages)}
+    text = "; ".join(f"{stage} {', '.join(map(str, widths))}" for stage, widths in odd.items() if widths)
+    return [f"VDM widths that are not multiples of 8 ({text}) run through padded or slower tensor-core kernels in "
+            f"bf16, which may slow the baseline; they are kept: ch 150 reconstructs LVDM's 397M base (ours 399.0M), "
+            f"and other widths would change its size"] if text else []
 
 
 def vdm_shape_text(stage: str, s: Setting) -> str:
@@ -573,7 +620,7 @@ def pvdm_train_batches(s: Setting) -> dict:
         unet, ae = build("pvdm_unet", s, train=True), build("pvdm_decode", s)
         with torch.device(s.device):
             pair = torch.rand(B, 3, 2 * c.frames, c.resolution, c.resolution) * 2 - 1
-        return train_step(s, unet, lambda net: pvdm.diffusion_loss(net, sched_p, ae, pair, c.lam))
+        return train_step(s, unet, [lambda net: pvdm.diffusion_loss(net, sched_p, ae, pair, c.lam)])
 
     def vdm_at(stage):
         def at(B):
@@ -582,9 +629,9 @@ def pvdm_train_batches(s: Setting) -> dict:
             with torch.device(s.device):
                 x0 = torch.rand(B, 3, v.frames, size, size) * 2 - 1
             if stage == "base":
-                return train_step(s, net, lambda n: vdm.base_loss(n, sched_v, x0))
-            return train_step(s, net, lambda n: vdm.sr_loss(n, sched_v, x0, v.resolution, v.sr_aug_max,
-                                                            v.sr_prediction))
+                return train_step(s, net, [lambda n: vdm.base_loss(n, sched_v, x0)])
+            return train_step(s, net, [lambda n: vdm.sr_loss(n, sched_v, x0, v.resolution, v.sr_aug_max,
+                                                             v.sr_prediction)])
         return at
 
     return {"pvdm_l": largest_batch(s, pvdm_at), "vdm_base": largest_batch(s, vdm_at("base")),
@@ -601,12 +648,12 @@ def lvdm_table2(s: Setting) -> dict:
     with torch.device(s.device):
         x_base = torch.rand(B, 3, v.frames, v.resolution, v.resolution) * 2 - 1
         x_sr = torch.rand(B, 3, v.frames, v.sr_resolution, v.sr_resolution) * 2 - 1
-    ours["vdm_base"] = training(s, build("vdm_base", s, train=True), lambda n: vdm.base_loss(n, sched_v, x_base),
+    ours["vdm_base"] = training(s, build("vdm_base", s, train=True), [lambda n: vdm.base_loss(n, sched_v, x_base)],
                                 3 * gflop("vdm_base", s.divisor, B))
     release()
     log("LVDM Table 2: VDM SR training step")
     ours["vdm_sr"] = training(s, build("vdm_sr", s, train=True),
-                              lambda n: vdm.sr_loss(n, sched_v, x_sr, v.resolution, v.sr_aug_max, v.sr_prediction),
+                              [lambda n: vdm.sr_loss(n, sched_v, x_sr, v.resolution, v.sr_aug_max, v.sr_prediction)],
                               3 * gflop("vdm_sr", s.divisor, B))
     release()
     log("LVDM Table 2: LVDM training step, frozen encoder included")
@@ -620,7 +667,7 @@ def lvdm_table2(s: Setting) -> dict:
             z0 = unet.to_diffusion(ae.sample(x))
         return lvdm.short_loss(net, sched_l, z0, c)
 
-    ours["lvdm"] = training(s, unet, lvdm_loss,
+    ours["lvdm"] = training(s, unet, [lvdm_loss],
                             3 * gflop("lvdm_unet", s.divisor, B) + gflop("lvdm_encode", s.divisor, B))
     vdm_s = ours["vdm_base"]["s"] + ours["vdm_sr"]["s"]
     g = {name: gflop(name) for name in ("vdm_base", "vdm_sr", "lvdm_unet", "lvdm_encode")}
@@ -648,9 +695,10 @@ def lvdm_table2(s: Setting) -> dict:
                    "flops": "training = 3 x forward (+ 1 x the frozen encoder's forward); TFLOP/s likewise"},
         "guesses": ["the paper's VDM base and SR networks are in a supplement we lack: ours are vdm.py's presets "
                     "(399M + 48M against the paper's 397M + 48M)",
-                    "'Step Time' is undefined in the paper; we read it as a training step (research §3.1)",
+                    "'Step Time' is undefined in the paper (§4.2); we read it as a training step: a sampling step of "
+                    "one 4x32^2 latent clip would take far less than its 0.8 s",
                     "batch 2 per GPU for both, from LVDM's official config; VDM's is not published",
-                    "no gradient clipping or EMA update is timed"],
+                    "no gradient clipping or EMA update is timed", *vdm_widths_guess(s)],
     }
 
 
@@ -697,7 +745,8 @@ def vqvdm_table3(s: Setting) -> dict:
                             f"one pass per step (no guidance), width / {s.divisor}"},
         "guesses": ["the paper's 'reproduced implementation' of VDM is not published: ours is vdm.py's ucf64 base",
                     "the paper's sampler, batch, GPU and whether decoding is included are not stated; both are "
-                    "given", "with Eq. (9) guidance VQ-VDM would run two passes per step"],
+                    "given", "with Eq. (9) guidance VQ-VDM would run two passes per step",
+                    *vdm_widths_guess(s, ("base",))],
     }
 
 
@@ -711,29 +760,28 @@ def spread(values: list) -> dict:
 def videofusion_table4(s: Setting) -> dict:
     c = videofusion_config(s.divisor)
     sched = vf_schedule()
-    ours = {}
+    ours, parts = {}, None
     for name, label in (("vdm_star", "VDM*"), ("videofusion", "VideoFusion")):
         log(f"VideoFusion Table 4: {label}")
-        net = compiled(build(name, s), s)
-        x, t = inputs(name, s)
-        call = NETS[name].call
-        ours[name] = {"step_s": sig(sampling_seconds(s, eps_of(s, lambda z, t: call(net, z, t)), x, sched,
-                                                     STEPS)[0] / STEPS)}
+        ours[name] = {"step_s": sig(denoising_step_seconds(s, name, sched))}
         release()
-        if s.device.type == "cuda":     # on a CPU there is no peak to read, and batch 32 would take minutes a step
-            ours[name]["train"] = videofusion_training(s, name, c, sched)
-            release()
+    if s.device.type == "cuda":     # on a CPU there is no peak to read, and batch 32 would take minutes a step
+        parts, trained = videofusion_trainings(s, c, sched)
+        for name, result in trained.items():
+            ours[name]["train"] = result
+    training_text = f"batch {c.batch_size}" + (f" as {parts} micro-batches, gradients accumulated (the whole batch "
+                                               f"at once ran out of memory)" if parts and parts > 1 else "")
     g = {name: gflop(name) for name in ("vdm_star", "videofusion")}
     memory = [ours[n].get("train", {}).get("memory_gib") for n in ("vdm_star", "videofusion")]
     paper = VIDEOFUSION_T4
     return {
         "protocol": "VideoFusion Table 4",
         "measures": f"seconds per denoising step at batch 1 (a {STEPS}-step run / {STEPS}); peak training memory at "
-                    f"batch {c.batch_size} (GPU)",
+                    f"{training_text} (GPU)",
         "paper": {"memory_gb_latency_s": paper, "device": "not stated (63.82 GB needs an 80 GB card)"},
         "paper_ratio": {"latency": ratio(paper["VDM*"][1], paper["VideoFusion"][1]),
                         "memory": ratio(paper["VDM*"][0], paper["VideoFusion"][0])},
-        "ours": ours,
+        "ours": {**ours, "train_micro_batches": parts},
         "ratio": {"latency": ratio(ours["vdm_star"]["step_s"], ours["videofusion"]["step_s"]),
                   "memory": ratio(*(m and m["allocated"] for m in memory))},
         "flop_ratio": round(g["vdm_star"] / g["videofusion"], 2),
@@ -750,21 +798,49 @@ def videofusion_table4(s: Setting) -> dict:
     }
 
 
-def videofusion_training(s: Setting, name: str, c: videofusion.Config, sched: Schedule) -> dict:
-    """A training step of VDM* (plain eps loss) or VideoFusion (its §3.3 loss) at the preset's batch."""
+def denoising_step_seconds(s: Setting, name: str, sched: Schedule) -> float:
+    """Seconds per DDIM step of NETS[name] at batch 1, over a STEPS-step run (compiled with --compile)."""
+    call = compiled_call(name, build(name, s), s)
+    x, _ = inputs(name, s)
+    return sampling_seconds(s, eps_of(s, call), x, sched, STEPS)[0] / STEPS
+
+
+def videofusion_trainings(s: Setting, c: videofusion.Config, sched: Schedule) -> tuple:
+    """(micro-batches, {name: training()}) for VDM* and VideoFusion at the preset's batch: the whole batch at once,
+    else as 2, 4, ... micro-batches with the gradients accumulated, the fewest at which both fit, the same for both
+    so that their memory compares like with like. In fp32 at batch 32 VDM* saves ~115 GiB of activations (~66 GiB
+    for VideoFusion, counted on the meta device): more than an 80 GB card holds."""
+    parts = 1
+    while True:
+        try:
+            return parts, {name: videofusion_training(s, name, c, sched, parts) for name in ("vdm_star", "videofusion")}
+        except Exception as e:
+            if not out_of_memory(e) or parts >= c.batch_size:
+                raise
+        release()            # after the except clause: until it ends, its traceback holds the step's tensors
+        parts *= 2
+        log(f"VideoFusion Table 4: out of memory; training again as {parts} micro-batches")
+
+
+def videofusion_training(s: Setting, name: str, c: videofusion.Config, sched: Schedule, parts: int = 1) -> dict:
+    """A training step of VDM* (plain eps loss) or VideoFusion (its §3.3 loss) at the preset's batch, as `parts`
+    micro-batches whose gradients accumulate."""
     model = build(name, s, train=True)
     with torch.device(s.device):
         x0 = video(c.batch_size, c)
-    if name == "videofusion":
-        loss = lambda net: videofusion.diffusion_loss(net, model, sched, x0, None, c.p_uncond)    # noqa: E731
-    else:
-        loss = lambda net: vdm.base_loss(net, sched, x0)                                          # noqa: E731
-    return training(s, model, loss, 3 * gflop(name, s.divisor, c.batch_size))
+
+    def loss(x):
+        if name == "videofusion":
+            return lambda net: videofusion.diffusion_loss(net, model, sched, x, None, c.p_uncond)
+        return lambda net: vdm.base_loss(net, sched, x)
+    return training(s, model, [loss(x) for x in x0.chunk(parts)], 3 * gflop(name, s.divisor, c.batch_size))
 
 
 # --- Output ---
 
 PROTOCOLS = {"pvdm": pvdm_table5, "lvdm": lvdm_table2, "vqvdm": vqvdm_table3, "videofusion": videofusion_table4}
+PROTOCOL_NAMES = {"pvdm": "PVDM Table 5", "lvdm": "LVDM Table 2", "vqvdm": "VQ-VDM Table 3",
+                  "videofusion": "VideoFusion Table 4"}
 
 
 def fmt(x, unit="") -> str:
@@ -776,6 +852,10 @@ def markdown(rows: list, s: Setting) -> str:
     lines = ["| protocol | quantity | paper: baseline / method | paper ratio | ours: baseline / method | our ratio | "
              "FLOP ratio at paper scale | our models |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        if "out_of_memory" in row:
+            message = row["out_of_memory"].replace("|", "/")
+            lines.append(f"| {row['protocol']} | out of memory | | | {message} | | | |")
+            continue
         first, *more = markdown_lines(row)
         lines += [f"{first} {row['config']['models']} |"] + [f"{line} |" for line in more]
     return "\n".join(lines + ["", f"Measured at {s.describe()}; load average {s.load} at the start "
@@ -862,11 +942,8 @@ def setting(args) -> Setting:
         raise UserError("--scale paper needs a CUDA GPU (the papers' networks take minutes per step on a CPU): "
                         "use --scale cpu")
     cpu = scale == "cpu"
-    if device.type == "cuda" and args.precision == "fp32":
-        # fp32 means fp32: PyTorch lets cuDNN convolutions use TF32 by default, which would be neither the
-        # papers' arithmetic nor comparable with the fp32 peak in PEAK_TFLOPS
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        configure_cuda(args.precision)
     return Setting(scale=scale, device=device, dtype=torch.bfloat16 if args.precision == "bf16" else None,
                    divisor=args.width_divisor or (4 if cpu else 1),
                    timed_steps=args.timed_steps or (3 if cpu else None),
@@ -874,17 +951,50 @@ def setting(args) -> Setting:
                    compile=args.compile, load=round(os.getloadavg()[0], 2))
 
 
+def configure_cuda(precision: str):
+    """cuDNN times its convolution algorithms on each new shape and keeps the fastest (cudnn.benchmark), for every
+    network alike: off, as torch leaves it, it takes a heuristic's pick, which can favour one side.
+    fp32 means fp32: torch lets cuDNN convolutions use TF32 by default, which would be neither the papers'
+    arithmetic nor comparable with the fp32 peak in PEAK_TFLOPS. It is switched off through fp32_precision where
+    this torch has it (2.9+: the allow_tf32 flags warn there, and a mix of the two kinds has broken inductor),
+    through the allow_tf32 flags before; never both."""
+    torch.backends.cudnn.benchmark = True
+    if precision != "fp32":
+        return
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cudnn.rnn.fp32_precision = "ieee"     # as conv: torch reads the two as one legacy flag
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def run(argv=None):
     args = parser().parse_args(argv)
     s = setting(args)
     log(s.describe())
     rows = []
-    for name in [args.only] if args.only else PROTOCOLS:
-        rows.append(PROTOCOLS[name](s))
-        rows[-1]["config"]["load_average"] = round(os.getloadavg()[0], 2)      # at the end of the protocol
-        print(json.dumps(rows[-1]), flush=True)
-        release()
-    print(markdown(rows, s))
+    try:
+        for name in [args.only] if args.only else PROTOCOLS:
+            try:
+                rows.append(PROTOCOLS[name](s))
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise        # after the table of the rows done (finally), with its traceback
+                rows.append(out_of_memory_row(name, e, s))
+            rows[-1]["config"]["load_average"] = round(os.getloadavg()[0], 2)      # at the end of the protocol
+            print(json.dumps(rows[-1]), flush=True)
+            release()
+    finally:
+        print(markdown(rows, s), flush=True)
+
+
+def out_of_memory_row(name: str, e: BaseException, s: Setting) -> dict:
+    """The row of a protocol that ran out of GPU memory: what failed, in the error's first line."""
+    log(f"{PROTOCOL_NAMES[name]}: out of memory")
+    return {"protocol": PROTOCOL_NAMES[name], "out_of_memory": str(e).strip().split("\n")[0][:160],
+            "config": {"setting": s.describe()}}
 
 
 if __name__ == "__main__":

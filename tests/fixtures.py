@@ -11,7 +11,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import av
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -150,6 +149,7 @@ def write_video(path, n, fps=25, h=48, w=64, gop=None, options=None):
     `gop` frames (the encoder's default: one for the whole of these short files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import av       # here, not at the top: the GPU tests import this module on machines without PyAV
     codec = {".avi": "mpeg4", ".mp4": "libx264", ".webm": "libvpx-vp9", ".mkv": "libvpx"}[path.suffix]
     with av.open(str(path), "w", options=options or {}) as container:   # PyAV: a bitrate that keeps grey levels
         stream = container.add_stream(codec, rate=fps)
@@ -165,6 +165,7 @@ def write_video(path, n, fps=25, h=48, w=64, gop=None, options=None):
 def write_overstated(path, n, real):
     """A video whose container states n frames but holds only the first `real`: written whole (mp4 with its
     index first), then cut where frame `real`'s packet starts, as an interrupted download leaves it."""
+    import av
     path = write_video(path, n, options={"movflags": "faststart"} if Path(path).suffix == ".mp4" else None)
     with av.open(str(path)) as container:
         starts = [packet.pos for packet in container.demux(video=0) if packet.size]

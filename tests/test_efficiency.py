@@ -280,3 +280,191 @@ def test_cuda_without_a_gpu_is_one_error_line(capsys, monkeypatch):
     monkeypatch.setattr(E, "PROTOCOLS", {})
     status, _, err = run_cli(["--device", "cuda"], capsys)
     assert status == 2 and err.startswith("error: --device cuda was asked for")
+
+
+# --- GPU defects, seen on a CPU ---
+
+def cpu_setting(*argv):
+    return E.setting(E.parser().parse_args(["--device", "cpu", *argv]))
+
+
+def test_compile_reaches_the_network_each_denoising_step_runs(one_thread, monkeypatch):
+    """With --compile every denoising step of Table 4 goes through the compiled graph, VideoFusion's (a call of its
+    eps method) as VDM*'s (a forward): a CPU backend counts the graphs it compiles and the calls into them. The
+    U-Nets are cut to two levels of one block, at 4x16^2: tracing costs seconds per module."""
+    small = dict(frames=4, resolution=16, base_mult=(1, 2), base_blocks=1, res_mult=(1, 2), res_blocks=1,
+                 attn_res=(8,), temporal_res=(8,))
+    config = E.videofusion_config
+    monkeypatch.setattr(E, "videofusion_config", lambda d: dataclasses.replace(config(d), **small))
+    counts = {"graphs": 0, "calls": 0}
+
+    def counting(gm, example_inputs):
+        counts["graphs"] += 1
+
+        def run(*args):
+            counts["calls"] += 1
+            return gm.forward(*args)
+        return run
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counting))
+    torch._dynamo.reset()
+    s = cpu_setting("--width-divisor", "16", "--timed-steps", "2", "--compile")
+    try:
+        for name in ("videofusion", "vdm_star"):
+            before = dict(counts)
+            E.denoising_step_seconds(s, name, E.vf_schedule())
+            assert counts["graphs"] > before["graphs"], name
+            assert counts["calls"] - before["calls"] >= 1 + 2, name          # the warm-up step and 2 timed ones
+    finally:
+        torch._dynamo.reset()
+
+
+class Memory:
+    """A fake GPU: a training step at batch B needs B * per_sample bytes of activations beside the AdamW state
+    that exists at that moment, and raises `error` past the cap."""
+
+    def __init__(self, cap, per_sample, error):
+        self.cap, self.per_sample, self.error, self.optimizers = cap, per_sample, error, []
+
+    def state_bytes(self):
+        opt = self.optimizers[-1]
+        return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+    def step_at(self, B):
+        net = nn.Linear(8, 8)
+
+        def loss(n):
+            if B * self.per_sample + self.state_bytes() > self.cap:
+                raise self.error
+            return n(torch.ones(B, 8)).pow(2).mean()
+        return E.train_step(cpu_setting(), net, [loss])
+
+
+OOMS = [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED")]
+
+
+def test_a_batch_fits_only_beside_the_optimizer_state(monkeypatch):
+    """AdamW's state (2 x 72 parameters in fp32, + its step counts) appears inside the first step, after the
+    backward: a trial of one step would pass batches that the second step, and every later one, cannot hold.
+    (The failure is cuBLAS's, a plain RuntimeError.)"""
+    memory = Memory(cap=1000, per_sample=100, error=OOMS[1])
+    monkeypatch.setattr(E, "release", lambda: None)             # a garbage collection per trial, for CUDA's sake
+
+    class Recorded(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            memory.optimizers.append(self)
+    monkeypatch.setattr(torch.optim, "AdamW", Recorded)
+    # 4 x 100 + 584 bytes of state fit under 1000; 5 x 100 fits only while the state does not exist yet
+    assert E.fits(memory.step_at, 4) and not E.fits(memory.step_at, 5)
+    assert E.largest_fitting(lambda B: E.fits(memory.step_at, B), limit=64) == 4
+
+
+def test_a_failure_that_is_not_memory_is_raised_by_the_batch_search():
+    def step_at(B):
+        def step():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return step
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        E.fits(step_at, 1)
+
+
+def test_micro_batches_accumulate_the_gradient_of_the_whole_batch(monkeypatch):
+    """train_step over the 4 micro-batches of a batch hands AdamW the gradient of one step on the whole batch."""
+    grads = []
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    x = torch.randn(12, 5)
+    try:
+        for parts in (1, 4):
+            torch.manual_seed(0)
+            net = nn.Linear(5, 3)
+            E.train_step(cpu_setting(), net, [lambda n, x=x_: (n(x) - 1).pow(2).mean() for x_ in x.chunk(parts)])()
+    finally:
+        hook.remove()
+    for whole, accumulated in zip(*grads):
+        torch.testing.assert_close(accumulated, whole)
+
+
+def test_table4_trains_in_the_fewest_micro_batches_at_which_both_networks_fit(monkeypatch):
+    """Batch 32 that does not fit in micro-batches above 8 clips: both networks train as 4 micro-batches (the same
+    for both, so their memory compares), and the row says so."""
+    tried = []
+
+    def training(s, name, c, sched, parts):
+        tried.append((name, parts))
+        if c.batch_size // parts > 8 or (name == "videofusion" and parts < 4):
+            raise OOMS[1]
+        return {"parts": parts}
+
+    monkeypatch.setattr(E, "videofusion_training", training)
+    c = E.videofusion_config(1)
+    parts, trained = E.videofusion_trainings(cpu_setting(), c, E.vf_schedule())
+    assert c.batch_size == 32 and parts == 4 and trained == {"vdm_star": {"parts": 4}, "videofusion": {"parts": 4}}
+    assert tried == [("vdm_star", 1), ("vdm_star", 2), ("vdm_star", 4), ("videofusion", 4)]
+
+
+@pytest.mark.parametrize("error", OOMS, ids=["torch", "cublas", "cudnn"])
+def test_out_of_memory_is_recognised(error):
+    assert E.out_of_memory(error)
+    assert not E.out_of_memory(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not E.out_of_memory(ValueError("out of memory"))          # not an allocation failure of torch's
+
+
+def test_a_protocol_out_of_memory_leaves_the_other_rows_and_the_table(toy_clips, one_thread, capsys, monkeypatch):
+    """An out-of-memory protocol gives a row that says so and the next one runs; a failure of another kind stops
+    the run with its traceback, after the table of the rows done."""
+    def out_of_memory(s):
+        raise OOMS[1]
+
+    def broken(s):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(E, "PROTOCOLS", {"pvdm": out_of_memory, "vqvdm": E.vqvdm_table3, "lvdm": broken})
+    capsys.readouterr()
+    with pytest.raises(ValueError, match="a bug"):
+        main(lambda: E.run(["--device", "cpu", "--width-divisor", "16", "--timed-steps", "1", "--repeats", "2"]))
+    lines = capsys.readouterr().out.splitlines()
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [r["protocol"] for r in rows] == ["PVDM Table 5", "VQ-VDM Table 3"]
+    assert "CUBLAS_STATUS_ALLOC_FAILED" in rows[0]["out_of_memory"] and rows[1]["ours"]["vqvdm"]["runs"] == 2
+    table = [line for line in lines if line.startswith("| ")]
+    assert len(table) == 1 + 1 + 2 and all(line.count("|") == 9 for line in table)     # header, OOM, VQ x 2
+    assert table[1].startswith("| PVDM Table 5 | out of memory |")
+
+
+def test_cuda_settings_benchmark_cudnn_and_turn_tf32_off_through_the_new_api_alone():
+    import warnings
+    flags = ((torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "fp32_precision"),
+             (torch.backends.cudnn.conv, "fp32_precision"), (torch.backends.cudnn.rnn, "fp32_precision"))
+    before = [getattr(module, name) for module, name in flags]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            E.configure_cuda("fp32")
+        assert torch.backends.cudnn.benchmark and not caught
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+        assert torch.backends.cudnn.rnn.fp32_precision == "ieee"
+    finally:
+        for (module, name), value in zip(flags, before):
+            setattr(module, name, value)
+
+
+def test_cuda_settings_on_a_torch_before_the_new_api_use_the_old_flags_alone(monkeypatch):
+    from types import SimpleNamespace
+    matmul, cudnn = SimpleNamespace(allow_tf32=True), SimpleNamespace(allow_tf32=True, benchmark=False)
+    monkeypatch.setattr(torch.backends.cuda, "matmul", matmul)
+    monkeypatch.setattr(torch.backends, "cudnn", cudnn)
+    E.configure_cuda("bf16")
+    assert cudnn.benchmark and matmul.allow_tf32 and cudnn.allow_tf32     # bf16: TF32 left as it is
+    E.configure_cuda("fp32")
+    assert vars(matmul) == {"allow_tf32": False} and vars(cudnn) == {"allow_tf32": False, "benchmark": True}
+
+
+def test_rows_that_time_the_vdm_base_say_its_widths_are_not_multiples_of_8():
+    assert "(base 150, 300)" in E.vdm_widths_guess(cpu_setting("--width-divisor", "1"))[0]
+    assert E.vdm_widths_guess(cpu_setting("--width-divisor", "1"), ("sr",)) == []          # 32 x (1..16)
