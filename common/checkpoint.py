@@ -38,11 +38,14 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
+    """Restore rng_state()'s RNGs. A checkpoint loaded with map_location="cuda" holds the states on the GPU, and
+    torch takes them only as CPU ByteTensors (a resumed CUDA run failed with "RNG state must be a torch.ByteTensor",
+    found by eval.gpu_check on an H200)."""
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate((3, tuple(state["python"][:-1]), state["python"][-1]))
 
 

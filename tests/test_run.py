@@ -149,6 +149,31 @@ def test_rng_state_round_trips():
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
+class OnAnotherDevice:
+    """A tensor as a checkpoint loaded with map_location="cuda" holds it: usable only through .cpu() (torch's
+    set_rng_state refuses a CUDA tensor, as the first resumed run on a GPU showed)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def cpu(self):
+        return self.tensor
+
+
+def test_rng_state_restores_from_states_a_gpu_checkpoint_holds(monkeypatch):
+    state = rng_state()
+    a = torch.rand(3), np.random.rand(3)
+    cuda_states = [torch.get_rng_state()]                 # stands in for one GPU's generator state
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    set_rng_state({**state, "torch": OnAnotherDevice(state["torch"]), "cuda": [OnAnotherDevice(cuda_states[0])],
+                   "numpy": [*state["numpy"][:1], OnAnotherDevice(state["numpy"][1]), *state["numpy"][2:]]})
+    assert torch.equal(torch.rand(3), a[0]) and np.array_equal(np.random.rand(3), a[1])
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_states[0])
+
+
 def test_resumed_training_continues_the_same_loss_curve(tmp_path, monkeypatch):
     toy_script.cli(["train", "--run", str(tmp_path / "straight"), "--steps", "6"])
     # the same run killed during step 5 (after the checkpoint of step 4), then started again
