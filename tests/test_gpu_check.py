@@ -153,6 +153,34 @@ def test_an_item_past_its_share_stops_and_says_so(tmp_path):
     assert time.perf_counter() - start < 20
 
 
+def test_a_stage_may_take_the_scripts_time_but_the_floors_of_the_items_after_it(tmp_path, monkeypatch):
+    """The first H200 run stopped pvdm's first stage after 9 of 10 steps at a weighted share of 28 s while the
+    script had 170 s: an item's share is the script's time left less MIN_SHARE_S of each item after it."""
+    shares = []
+
+    def fake_measure(item, script, module, plan, preset, run_dir, device, share, flops, peak):
+        shares.append((item.name, round(share)))
+        item.result = "passed"
+    monkeypatch.setattr(G, "measure", fake_measure)
+    monkeypatch.setattr(G.time, "time", lambda: 1000.0)                    # no time passes between the items
+    script = next(s for s in G.SCRIPTS if s.name == "vqvdm")
+    items = G.script_items(script)
+    G.run_script_items({"plan": {"device": "cpu", "tiny": True, "work": str(tmp_path), "budget_s": 200.0},
+                        "script": "vqvdm", "items": [G.asdict(i) for i in items], "deadline": 1200.0,
+                        "failed": [], "results": str(tmp_path / "results.jsonl")})
+    floors = G.MIN_SHARE_S
+    assert shares == [("vqvdm train ae", 200 - floors["train"] - floors["compile"] - floors["sample"]),
+                      ("vqvdm train diffusion", 200 - floors["compile"] - floors["sample"]),
+                      ("vqvdm resume+compile diffusion", 200 - floors["sample"]),
+                      ("vqvdm sample", 200)]
+
+
+def test_lvdm_trains_without_lpips_whose_weights_a_gpu_machine_cannot_fetch(tmp_path):
+    lvdm = next(s for s in G.SCRIPTS if s.name == "lvdm")
+    argv = G.train_argv(lvdm, G.Plan("cuda", False, str(tmp_path), 60.0), "ucf256", tmp_path, "ae", {})
+    assert argv[-2:] == ["--lpips-weight", "0"] and argv[argv.index("--preset") + 1] == "ucf256"
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--device", "cpu"], "pass --device cpu --tiny"),
     (["--budget-minutes", "0"], "--budget-minutes must be"),
