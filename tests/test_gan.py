@@ -72,3 +72,7 @@ def test_patchgan_gives_patch_logits_and_every_layers_features(dims, shape, kw):
     assert [f.shape[1] for f in feats] == [8, 16, 32, 64]
     conv = d.layers[1][0]
     assert conv.weight.std().item() == pytest.approx(0.02, rel=0.2)       # pix2pix's N(0, 0.02)
+    scales = torch.cat([layer[1].weight for layer in d.layers[1:-1]])      # 16 + 32 + 64 norm scales: N(1, 0.02)
+    shifts = torch.cat([layer[1].bias for layer in d.layers[1:-1]])
+    assert scales.mean().item() == pytest.approx(1.0, abs=0.01) and scales.std().item() == pytest.approx(0.02, rel=0.3)
+    assert not shifts.any()
