@@ -146,7 +146,7 @@ def test_an_item_past_its_share_stops_and_says_so(tmp_path):
         def cli(argv):
             time.sleep(30)
     item = G.Item("toy train ae", "train", "ae")
-    script = G.Script("toy", "ucf64", (("ae", "--ae-steps"),), "ae")
+    script = G.Script("toy", "ucf64", (("ae", "--ae-steps"),), "ae", "ae")
     plan = G.Plan("cpu", True, str(tmp_path), 60.0)
     start = time.perf_counter()
     G.measure(item, script, Slow, plan, "tiny", tmp_path, torch.device("cpu"), 0.5, {}, None)
