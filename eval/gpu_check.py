@@ -8,9 +8,11 @@ For each script at its paper preset (pvdm ucf256, lvdm ucf256, vqvdm ucf128, vid
 ucf64 base + SR), through the script's own command line on synthetic clips at the preset's shape and batch, in bf16:
   train STAGE     10 optimizer steps of each stage in turn (the first builds the networks; the last stage's
                   `train` also writes its final samples, as a user's does)
-  resume+compile  the denoiser's stage again, to 20 steps with --compile: its step-10 checkpoint loaded (weights,
-                  optimizer state, step), the training graph compiled. One item, not two: a `train` of a script's
-                  last stage ends with its final samples, which a second item would write again
+  resume+compile  one stage again, right after its first 10 steps, to 20 steps with --compile: its checkpoint
+                  loaded (weights, optimizer state, step), the training graph compiled. The denoiser's stage where
+                  it is not the last (lvdm short, vdm base, vqvdm diffusion); PVDM's autoencoder and VideoFusion's
+                  base generator, since their denoisers train last and a `train` of the last stage writes the final
+                  samples again (one item, not two, for the same reason)
   sample          `sample` at the preset's frames and resolution, one video, few steps (PVDM: Table 5's 100/20-s,
                   timed against the 1.5 s goal)
 then the tests marked gpu, and `torchrun --nproc_per_node=1` (NCCL on a GPU, gloo on a CPU) of vqvdm's autoencoder
@@ -66,7 +68,8 @@ class Script:
     name: str
     preset: str
     stages: tuple                   # (stage, the flag of its steps), in `train`'s order
-    denoiser: str                   # the stage resumed and compiled
+    denoiser: str                   # the denoiser's stage (its MFU is measured against the goal)
+    compiled: str                   # the stage resumed and compiled
     sample: tuple = ()              # sample flags beside --n 1 --steps
     sample_steps: int = 4
     train_flags: tuple = ()         # beside the preset, for every train command
@@ -74,15 +77,19 @@ class Script:
 
 SCRIPTS = [
     Script("pvdm", "ucf256", (("ae", "--ae-steps"), ("gan", "--gan-steps"), ("diffusion", "--steps")), "diffusion",
-           ("--frames", "16", "--cond-steps", "20"), 100),
+           "ae", ("--frames", "16", "--cond-steps", "20"), 100),
     Script("lvdm", "ucf256", (("ae", "--ae-steps"), ("short", "--steps"), ("pred", "--pred-steps"),
-                              ("interp", "--interp-steps")), "short", train_flags=("--lpips-weight", "0")),
-    Script("vqvdm", "ucf128", (("ae", "--ae-steps"), ("diffusion", "--steps")), "diffusion"),
-    Script("videofusion", "ucf64", (("base-pretrain", "--base-steps"), ("diffusion", "--steps")), "diffusion"),
-    Script("vdm", "ucf256", (("base", "--steps"), ("sr", "--sr-steps")), "base"),
+                              ("interp", "--interp-steps")), "short", "short",
+           train_flags=("--lpips-weight", "0")),
+    Script("vqvdm", "ucf128", (("ae", "--ae-steps"), ("diffusion", "--steps")), "diffusion", "diffusion"),
+    Script("videofusion", "ucf64", (("base-pretrain", "--base-steps"), ("diffusion", "--steps")), "diffusion",
+           "base-pretrain"),
+    Script("vdm", "ucf256", (("base", "--steps"), ("sr", "--sr-steps")), "base", "base"),
 ]
 GROUPS = [s.name for s in SCRIPTS] + ["tests", "torchrun"]
-WEIGHTS = {"train": 1.0, "compile": 3.0, "sample": 1.0, "tests": 3.0, "torchrun": 2.0}
+# shares of the budget; a `train` of a script's last stage also writes its final samples (FINAL more)
+WEIGHTS = {"train": 1.0, "compile": 2.0, "sample": 0.5, "tests": 2.0, "torchrun": 1.5}
+FINAL = 1.5
 MIN_SHARE_S = {"train": 5.0, "compile": 20.0, "sample": 5.0, "tests": 10.0, "torchrun": 10.0}
 
 
@@ -92,6 +99,7 @@ class Item:
     kind: str                       # a key of WEIGHTS
     stage: str = ""
     needs: tuple = ()               # names of the items it builds on
+    final: bool = False             # a `train` that ends with the script's final samples
     # filled in by the run
     result: str = "not run"         # passed | error | stopped | skipped | not run
     detail: str = ""
@@ -118,11 +126,24 @@ class Plan:
 
 def script_items(s: Script) -> list:
     names = [f"{s.name} train {stage}" for stage, _ in s.stages]
-    items = [Item(name, "train", stage, tuple(names[:k]), denoiser=stage == s.denoiser)
+    last = s.stages[-1][0]
+    items = [Item(name, "train", stage, tuple(names[:k]), stage == last, denoiser=stage == s.denoiser)
              for k, (name, (stage, _)) in enumerate(zip(names, s.stages))]
-    own = f"{s.name} train {s.denoiser}"
-    return items + [Item(f"{s.name} resume+compile {s.denoiser}", "compile", s.denoiser, (own,), denoiser=True),
-                    Item(f"{s.name} sample", "sample", "", tuple(names))]
+    at = [stage for stage, _ in s.stages].index(s.compiled) + 1           # right after the stage's first steps
+    compiled = Item(f"{s.name} resume+compile {s.compiled}", "compile", s.compiled, (names[at - 1],),
+                    s.compiled == last, denoiser=s.compiled == s.denoiser)
+    return items[:at] + [compiled] + items[at:] + [Item(f"{s.name} sample", "sample", "", tuple(names))]
+
+
+def weight(item: Item) -> float:
+    return WEIGHTS[item.kind] + (FINAL if item.final else 0.0)
+
+
+def share_of(left: float, weights: list) -> float:
+    """The seconds the first of some items (or groups) may take of the `left` ones: its weight's part, plus half of
+    what the later ones' weights would give them, so that a slow item borrows from those after it while each of
+    them keeps at least half of its part; the last one takes all that is left."""
+    return left * (weights[0] + 0.5 * sum(weights[1:])) / sum(weights)
 
 
 # --- In the process of one script: its items, measured ---
@@ -522,11 +543,11 @@ def run(argv=None):
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as work:
         plan = Plan(device, args.tiny, work, args.budget_minutes * 60)
         groups, failed = plan_groups(args.only), []
-        weights = [sum(WEIGHTS[i.kind] for i in items) for _, items in groups]
+        weights = [sum(map(weight, items)) for _, items in groups]
         try:
             for k, (name, items) in enumerate(groups):
                 left = plan.budget_s - (time.time() - start)
-                deadline = time.time() + max(1.0, left * weights[k] / sum(weights[k:]))
+                deadline = time.time() + max(1.0, share_of(left, weights[k:]))
                 print(f"gpu_check: {name} ...", file=sys.stderr, flush=True)
                 run_group(name, items, plan, deadline, failed)
                 for i in items:

@@ -96,8 +96,9 @@ def test_the_whole_check_passes_on_a_cpu_at_the_tiny_presets_without_pyav(no_pya
         if " train " in name:
             assert float(step_s) > 0 and float(tflops) > 0, name
     assert "skipped" in rows["tests"][-1] and "gloo" in rows["torchrun"][-1]
-    assert "from step 10 to 20, " in rows["vdm resume+compile base"][-1] and "graph(s) compiled" in \
-        rows["vdm resume+compile base"][-1]
+    for name in ("pvdm resume+compile ae", "lvdm resume+compile short", "vqvdm resume+compile diffusion",
+                 "videofusion resume+compile base-pretrain", "vdm resume+compile base"):
+        assert "from step 10 to 20, " in rows[name][-1] and "graph(s) compiled" in rows[name][-1]
 
 
 def test_the_meter_counts_a_steps_flops_and_times_the_steps_after_the_second():
@@ -145,7 +146,7 @@ def test_an_item_past_its_share_stops_and_says_so(tmp_path):
         def cli(argv):
             time.sleep(30)
     item = G.Item("toy train ae", "train", "ae")
-    script = G.Script("toy", "ucf64", (("ae", "--ae-steps"),), "ae")
+    script = G.Script("toy", "ucf64", (("ae", "--ae-steps"),), "ae", "ae")
     plan = G.Plan("cpu", True, str(tmp_path), 60.0)
     start = time.perf_counter()
     G.measure(item, script, Slow, plan, "tiny", tmp_path, torch.device("cpu"), 0.5, {}, None)
@@ -217,3 +218,8 @@ def test_torchrun_with_one_process_still_makes_the_process_group(monkeypatch):
     monkeypatch.delenv("RANK")
     world, device = init_distributed("cpu")
     assert not dist.is_initialized() and world.world == 1
+
+
+def test_an_item_may_borrow_half_of_the_later_items_parts():
+    assert G.share_of(100.0, [1.0, 2.0, 1.0]) == pytest.approx(100 * (1 + 1.5) / 4)
+    assert G.share_of(100.0, [3.0]) == 100.0
