@@ -112,7 +112,8 @@ class Config:
     z_channels: int = 4
     ae_accumulate: int = 1          # batches per autoencoder step (official: batch 1, accumulate 2)
     kl_weight: float = 0.0          # the official KL weight: a plain autoencoder with a sampled posterior
-    lpips_weight: float = 1.0
+    lpips_weight: float = flag(1.0, "weight of LPIPS in the autoencoder's loss (§3.1); 0 trains without it, "
+                                    "where VGG-16's weights cannot be had (a GPU machine with no network)", lo=0)
     disc_ch: int = 32
     disc_layers: int = 2
     disc_weight: float = 0.5        # x the adaptive weight (official disc_weight)

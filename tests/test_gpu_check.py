@@ -177,9 +177,13 @@ def test_a_stage_may_take_the_scripts_time_but_the_floors_of_the_items_after_it(
 
 
 def test_lvdm_trains_without_lpips_whose_weights_a_gpu_machine_cannot_fetch(tmp_path):
-    lvdm = next(s for s in G.SCRIPTS if s.name == "lvdm")
-    argv = G.train_argv(lvdm, G.Plan("cuda", False, str(tmp_path), 60.0), "ucf256", tmp_path, "ae", {})
+    import lvdm
+    from common.cli import build_parser
+    script = next(s for s in G.SCRIPTS if s.name == "lvdm")
+    argv = G.train_argv(script, G.Plan("cuda", False, str(tmp_path), 60.0), "ucf256", tmp_path, "ae", {})
     assert argv[-2:] == ["--lpips-weight", "0"] and argv[argv.index("--preset") + 1] == "ucf256"
+    parser, _ = build_parser(lvdm.SCRIPT, lvdm.__doc__, lvdm.Config, lvdm.PRESETS, stages=("all", *lvdm.STAGES))
+    assert parser.parse_args(argv).lpips_weight == 0     # lvdm's own command line takes what the check passes
 
 
 @pytest.mark.parametrize("argv, says", [
