@@ -28,6 +28,7 @@ on the real set), and the thresholds used. --real and --fake take what eval.fvd 
 videos or frame folders, or a dataset spec name[:root].
 """
 import argparse
+import colorsys
 import json
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from common.errors import UserError
 from common.evaluate import report
 from common.files import output_file
 from common.sources import npz_shape, parse_source, video_batches
+from common.video import write_mp4
 
 CRITERIA = ("one_object", "steady_size", "object_colour", "background_level", "background_noise", "speed",
             "smooth_motion")
@@ -64,7 +66,7 @@ def ball_videos(n: int, frames: int = 16, resolution: int = 64, seed: int = 0, *
             r = rng.uniform(0.08, 0.14) * R
             speed, angle = rng.uniform(1.0, 3.0) * R / 64, rng.uniform(0, 2 * np.pi)
             start = rng.uniform(r, R - r, 2)
-            colour = hsv_to_rgb(rng.uniform(0, 1), 1.0, rng.uniform(0.8, 1.0))
+            colour = np.array(colorsys.hsv_to_rgb(rng.uniform(0, 1), 1.0, rng.uniform(0.8, 1.0)))
             L = R - 2 * r             # the centre moves in [r, R - r]: reflect the straight path into it
             step = speed * np.array([np.cos(angle), np.sin(angle)])
             path = start[None] - r + np.arange(frames)[:, None] * step + rng.uniform(-jitter, jitter, (frames, 2))
@@ -73,13 +75,6 @@ def ball_videos(n: int, frames: int = 16, resolution: int = 64, seed: int = 0, *
             alpha = np.clip(r + 0.5 - dist, 0, 1)[..., None]
             out[k] = out[k] * (1 - alpha) + alpha * colour * 255
     return np.round(out).astype(np.uint8)
-
-
-def hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
-    """One HSV colour (all in [0, 1]) as RGB in [0, 1] (the standard hexcone formula)."""
-    i, f = int(h * 6) % 6, h * 6 - int(h * 6)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
 
 
 # --- What one video shows ---
@@ -141,8 +136,9 @@ def measures(facts: dict, min_area: float, background_ref=None) -> dict:
 
 # --- Ranges from the real videos, and the verdicts ---
 
-def thresholds(real: list) -> dict:
-    """Every range a criterion uses, from the real videos' analyses (each must show one object throughout)."""
+def thresholds(real: list) -> tuple:
+    """Every range a criterion uses, from the real videos' analyses (each must show one object throughout), and
+    the real videos' measures against them."""
     areas = [f["area"] for facts in real for f in facts["frames"] if "area" in f]
     if not areas:
         raise UserError("no object found in the real videos: eval.motion expects videos of one object on a plain "
@@ -156,7 +152,7 @@ def thresholds(real: list) -> dict:
                         "stays in view")
     chroma = min(m["chroma"] for m in tracked)
     return {"min_area": min_area,
-            "background": [round(float(c), 2) for c in background],
+            "background": background,
             "background_level": 10.0,
             "background_noise": 1.5 * max(m["background_noise"] for m in ms) + 2.0,
             "area": [0.5 * min(m["area"] for m in tracked), 2.0 * max(m["area"] for m in tracked)],
@@ -164,7 +160,7 @@ def thresholds(real: list) -> dict:
             "colour_drift": 24.0,
             "chroma": 0.5 * chroma if chroma > 40 else 0.0,
             "speed": [0.5 * min(m["speed"] for m in tracked), 1.5 * max(m["speed"] for m in tracked) + 0.5],
-            "jolts": max(m["jolts"] for m in tracked)}
+            "jolts": max(m["jolts"] for m in tracked)}, ms
 
 
 def verdict(m: dict, th: dict) -> dict:
@@ -184,21 +180,19 @@ def verdict(m: dict, th: dict) -> dict:
 def score(real_videos: np.ndarray, fake_videos: np.ndarray) -> dict:
     """The report of eval.motion for two uint8 (N, T, H, W, 3) sets: shares of plausible videos and of each
     criterion, for the fake set and (as a check of the measure) for the real one."""
-    real = [analyse(v) for v in real_videos]
-    th = thresholds(real)
-    background = np.array(th["background"])
+    th, real = thresholds([analyse(v) for v in real_videos])
 
-    def summary(analysed):
-        ms = [measures(facts, th["min_area"], background) for facts in analysed]
+    def summary(ms):
         verdicts = [verdict(m, th) for m in ms]
         return {"plausible": float(np.mean([all(v.values()) for v in verdicts])),
                 "criteria": {c: float(np.mean([v[c] for v in verdicts])) for c in CRITERIA},
                 "background_error": float(np.mean([m["background_error"] for m in ms])),
                 "background_noise": float(np.mean([m["background_noise"] for m in ms]))}
 
-    fake = summary([analyse(v) for v in fake_videos])
+    fake = summary([measures(analyse(v), th["min_area"], th["background"]) for v in fake_videos])
+    shown = {**th, "background": [round(float(c), 2) for c in th["background"]]}
     return {**fake, "n_fake": len(fake_videos), "n_real": len(real_videos), "real": summary(real),
-            "thresholds": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in th.items()}}
+            "thresholds": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in shown.items()}}
 
 
 # --- The command ---
@@ -211,7 +205,6 @@ def load(spec: str, n: int, frames: int, resolution: int, real: bool, seed: int)
 
 
 def write_folder(out: Path, n: int, frames: int, resolution: int, seed: int):
-    from common.video import write_mp4     # needs PyAV, only when writing files
     videos = ball_videos(n, frames, resolution, seed)
     out.mkdir(parents=True, exist_ok=True)
     for k, video in enumerate(videos):
