@@ -56,7 +56,7 @@ from common.checkpoint import config_from_checkpoint, find_checkpoint, load_chec
 from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
 from common.data import DATASETS, StreamSampler, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample
-from common.errors import UserError
+from common.errors import TooShort, UserError
 from common.evaluate import evaluate_run
 from common.files import output_folder
 from common.gan import PatchGAN, adaptive_weight, frozen, hinge_d_loss, hinge_g_loss, started
@@ -689,14 +689,31 @@ def train(args):
     l, ft = latents_per_clip(cfg), cfg.ae_down_t
     data = training_data(cfg, cfg.frames)
     # the prediction model reads key_stride clips' worth of frames, the interpolation model key_stride + 1 latents:
-    # videos too short for them are found now, not after the stages before them have trained
-    long_clips = {name: training_data(cfg, frames)
-                  for name, frames in (("pred", cfg.frames * cfg.key_stride), ("interp", (cfg.key_stride + 1) * ft))
-                  if name in stages}
+    # videos too short for them are found now, not after the stages before them have trained. Asked for by name,
+    # such a stage is an error; within `all`, both are left out (interpolation only fills gaps between predicted
+    # keyframes), the run says so and samples short clips
+    long_clips, left_out = {}, []
+    for name, frames in (("pred", cfg.frames * cfg.key_stride), ("interp", (cfg.key_stride + 1) * ft)):
+        if name not in stages:
+            continue
+        try:
+            long_clips[name] = training_data(cfg, frames)
+        except TooShort as e:
+            if args.stage != "all":
+                raise
+            left_out = [f"pred, interp: left out: the {name} model trains on {frames}-frame clips (pred: --frames x "
+                        f"--key-stride) and the longest video holds {e.longest}; this run samples "
+                        f"clips of up to {cfg.frames} frames with the short model (long videos need longer training "
+                        f"videos or a smaller --key-stride)"]
+            long_clips = {}
+            break
+    stages = tuple(s for s in stages if s not in ("pred", "interp") or s in long_clips)
     match = {k: getattr(cfg, k) for k in ARCH}     # what the run's checkpoints must share with this config
     run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
                     precision=args.precision, compile=args.compile, must_match=match)
     dev = run.device
+    for line in left_out:
+        run.print(line)
     gan, short = AdversarialAE(cfg).to(dev), UNet3D(cfg).to(dev)
     report_sizes(cfg, gan.ae, short, run.print)
     every_stage = dict(config=cfg, must_match=match, seed=cfg.seed, save_every=cfg.save_every)
@@ -771,7 +788,7 @@ def train(args):
 
         diffusion_stage(name, unet, loss, long_clips[name], steps, follows=STAGES[:STAGES.index(name)])
 
-    if "interp" in stages and run.dist.is_main:
+    if "interp" in stages and run.has("pred") and run.dist.is_main:
         models = load_models(run.dir, dev, need=("pred", "interp"))[0]
         videos = generate_long(models, ae, sched, cfg, n=4, frames=4 * cfg.frames, mode="hierarchical", steps=50,
                                device=dev, dtype=run.dtype, progress=True)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from common.errors import UserError
+from common.errors import TooShort, UserError
 from common.files import atomic_write, cache_dir
 from common.video import IMAGE_EXTS, VIDEO_EXTS, probe, pyav, read_frames
 
@@ -150,8 +150,9 @@ class VideoClips(Dataset):
         self.videos = [(p, label, *info[p]) for p, label in items if p in info and info[p][0] >= need]
         self.left_out = len(items) - len(self.videos)
         if not self.videos:
-            raise UserError(f"no video in {name} has the {need} frames a clip needs ({frames} frames at stride "
-                            f"{stride}); {len(items)} found: pass a smaller --frames or use longer videos")
+            raise TooShort(f"no video in {name} has the {need} frames a clip needs ({frames} frames at stride "
+                           f"{stride}); {len(items)} found: pass a smaller --frames or use longer videos",
+                           max((v[0] for v in info.values()), default=0))
         self._bad = set()
 
     def __len__(self):

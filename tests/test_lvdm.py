@@ -1115,3 +1115,18 @@ def test_sample_and_eval_with_ckpt_use_that_files_weights(trained, tmp_path):
 def test_a_ckpt_of_a_model_the_sampling_would_not_use_is_refused(trained, stage, frames, mode):
     with pytest.raises(UserError, match=f"holds the {stage} model, but sampling {frames} frames"):
         lvdm.cli(["sample", "--ckpt", str(trained / f"{stage}.pt"), "--frames", frames, "--mode", mode])
+
+
+def test_videos_too_short_for_prediction_train_the_short_model_and_say_so(tmp_path, capsys):
+    """A folder of 12-frame clips: `all` trains the autoencoder and the short model, leaves the prediction and
+    interpolation models out and says why; asked for by name, the prediction stage is a one-line error."""
+    for k in range(2):
+        write_video(tmp_path / "videos" / f"v{k}.mp4", 12)
+    run, data = tmp_path / "run", ["--data", "folder", "--data-root", str(tmp_path / "videos")]
+    lvdm.cli(["train", *data, "--run", str(run), *STEPS, *FLAGS])
+    out = capsys.readouterr().out
+    assert "pred, interp: left out: the pred model trains on 24-frame clips" in out and "longest video holds 12" in out
+    assert (run / "short.pt").exists() and not (run / "pred.pt").exists() and not (run / "interp.pt").exists()
+    assert np.load(run / "samples" / "short" / "samples.npz")["videos"].shape == (8, 12, 16, 16, 3)
+    with pytest.raises(UserError, match="no video in folder has the 24 frames"):
+        lvdm.cli(["train", *data, "--run", str(run), "--stage", "pred", *STEPS, *FLAGS])
