@@ -1043,9 +1043,9 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path, trained):
                                         r"with `python lvdm.py train"):
         lvdm.cli(["sample", "--run", str(tmp_path / "none")])
     make_ucf101(tmp_path / "ucf", n_frames=(30, 30, 20, 8))     # 30 frames: short clips yes, prediction clips no
-    with pytest.raises(UserError, match="no video in ucf101 has the 48 frames"):
+    with pytest.raises(UserError, match="no video in ucf101 has the 48 frames"):     # (--stage all trains short)
         lvdm.cli(["train", "--data", "ucf101", "--data-root", str(tmp_path / "ucf"), "--run", str(tmp_path / "u"),
-                  *STEPS, *FLAGS, "--key-stride", "4"])
+                  *STEPS, *FLAGS, "--key-stride", "4", "--stage", "pred"])
     assert not (tmp_path / "u").exists()                         # found before anything was written
     with pytest.raises(UserError, match="--cond-noise must be below"):
         lvdm.cli(["sample", "--run", str(trained), "--frames", "40", "--cond-noise", "250"])
