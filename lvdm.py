@@ -53,7 +53,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
-from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
+from common.cli import (GUIDANCE_MAX, SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag,
+                        main, number)
 from common.data import DATASETS, StreamSampler, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_lvdm, ddim_sample, ddpm_sample
 from common.errors import TooShort, UserError
@@ -63,8 +64,9 @@ from common.gan import PatchGAN, adaptive_weight, frozen, hinge_d_loss, hinge_g_
 from common.lpips import load_lpips, perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
-from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
-from common.train import Run, train_stage
+from common.run import (autocast, check_memory, check_sample_memory, clip_floats, count_params, fmt_params,
+                        pick_device, pick_precision)
+from common.train import Run, run_command, train_stage
 from common.video import make_grid, to_uint8, write_gif, write_samples
 
 SCRIPT = "lvdm"
@@ -671,6 +673,17 @@ class Joined(torch.utils.data.Dataset):
         raise IndexError(key)
 
 
+def step_memory(cfg: Config, stages) -> dict:
+    """A floor of what one step of each of `stages` holds (common/run.py): the clips it reads and the
+    autoencoder's first activations at full size (the prediction and interpolation models read long clips)."""
+    R, w = cfg.resolution, 2 * cfg.ae_ch
+    clips = {"ae": (cfg.ae_batch_size, cfg.frames), "short": (cfg.batch_size, cfg.frames),
+             "pred": (cfg.batch_size, cfg.frames * cfg.key_stride),
+             "interp": (cfg.batch_size, (cfg.key_stride + 1) * cfg.ae_down_t)}
+    return {f"{'an autoencoder' if s == 'ae' else 'a ' + s} step on {clips[s][0]} clips of {clips[s][1]}x{R}x{R}":
+            clip_floats(*clips[s], R, (6 if s == "ae" else 3) + w) for s in stages}
+
+
 def training_data(cfg: Config, frames: int):
     """Clips of `frames` frames from --train-split: the train split, or all videos (its train and test splits
     joined), as §4.1 trains on UCF-101 and TaiChi ("Due to the limited number of videos ... we adopt the full
@@ -685,6 +698,7 @@ def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg)
     stages = STAGES if args.stage == "all" else (args.stage,)
+    check_memory(step_memory(cfg, stages), pick_device(args.device))
     lpips = perceptual_loss(cfg, args.preset) if "ae" in stages else None     # missing weights: found before data
     l, ft = latents_per_clip(cfg), cfg.ae_down_t
     data = training_data(cfg, cfg.frames)
@@ -964,6 +978,7 @@ def sampling_setup(args, device):
                         f"or interp.pt")
     cfg = config_from_checkpoint(Config, ckpt, path)
     frames = args.frames or cfg.frames
+    check_sample_memory(args.n or 1, frames, cfg.resolution, device)
     if not 0 <= args.cond_noise < cfg.cond_noise_max:
         raise UserError(f"--cond-noise must be below the s_max this run trained with ({cfg.cond_noise_max}), "
                         f"got {args.cond_noise}")
@@ -1037,11 +1052,11 @@ def cli(argv=None):
         p.add_argument("--cond-noise", type=number(int, lo=0), default=100,
                        help="s: the noise level given latents are perturbed to (§3.3; official 100)")
         p.set_defaults(steps=50, guidance=0.1)
-    sub["eval"].add_argument("--guidance", type=number(float, lo=0), default=0.1,
-                             help="unconditional guidance w (Eq. 9)")
+    sub["eval"].add_argument("--guidance", type=number(float, 0, GUIDANCE_MAX), default=0.1,
+                             help=f"unconditional guidance w (Eq. 9; 0 to {GUIDANCE_MAX})")
     sub["sample"].set_defaults(guidance=0.1)
     args = parser.parse_args(argv)
-    {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
+    run_command(args, train=train, sample=sample, eval=evaluate)
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ from common.gan import PatchGAN, feature_matching, frozen, generator_turn, hinge
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
-from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
-from common.train import Run, continue_rng, train_stage
+from common.run import (autocast, check_memory, check_sample_memory, clip_floats, count_params, fmt_params,
+                        pick_device, pick_precision)
+from common.train import Run, continue_rng, run_command, train_stage
 from common.video import make_grid, to_uint8, write_gif, write_samples
 
 SCRIPT = "pvdm"
@@ -569,6 +570,16 @@ def check_config(cfg: Config):
                         f"resolution")
 
 
+def step_memory(cfg: Config) -> dict:
+    """A floor of what one step of each stage holds (common/run.py): the clips, the reconstruction and the
+    autoencoder's tokens (ae_dim numbers per patch of patch x patch pixels)."""
+    R, per_pixel = cfg.resolution, cfg.ae_dim / cfg.patch ** 2
+    return {f"an autoencoder step on {cfg.ae_batch_size} clips of {cfg.frames}x{R}x{R}":
+            clip_floats(cfg.ae_batch_size, cfg.frames, R, 6 + 2 * per_pixel),
+            f"a diffusion step on {cfg.batch_size} pairs of clips of {cfg.frames}x{R}x{R}":
+            clip_floats(cfg.batch_size, 2 * cfg.frames, R, 3 + 2 * per_pixel)}
+
+
 def report_reconstruction(run: Run, cfg: Config):
     """The held-out PSNR of the autoencoder that the diffusion stage will use: a quick check before it starts."""
     held_out = fixed_batch(make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution,
@@ -581,6 +592,7 @@ def report_reconstruction(run: Run, cfg: Config):
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg)
+    check_memory(step_memory(cfg), pick_device(args.device))
     data = make_dataset(cfg.data, cfg.data_root, frames=cfg.frames, resolution=cfg.resolution, seed=cfg.seed)
     match = {k: getattr(cfg, k) for k in ARCH}   # what the run's checkpoints must share with this config
     run = Run.start(SCRIPT, cfg, preset=args.preset, run_dir=args.run, device=args.device,
@@ -684,6 +696,7 @@ def sample(args):
     cfg, sched, unet, ae, path = load_for_sampling(args, device)
     frames = args.frames or 2 * cfg.frames
     check_steps(sched, ("--steps", args.steps), ("--cond-steps", args.cond_steps))
+    check_sample_memory(args.n, frames, cfg.resolution, device)
     if args.label is not None or args.guidance:
         raise UserError("PVDM is unconditional on classes: --label and --guidance do not apply")
     out = output_folder(args.out or path.parent / "samples" / "sample")
@@ -724,7 +737,7 @@ def cli(argv=None):
                             "--cond-steps 20)")
         p.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM eta (1.0 as the official sampler)")
     args = parser.parse_args(argv)
-    {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
+    run_command(args, train=train, sample=sample, eval=evaluate)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ from common.errors import UserError
 from common.evaluate import evaluate_run
 from common.files import output_folder
 from common.nn import norm, timestep_embedding, zero
-from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
-from common.train import Run, train_stage
+from common.run import (autocast, check_memory, check_sample_memory, clip_floats, count_params, fmt_params,
+                        pick_device, pick_precision)
+from common.train import Run, run_command, train_stage
 from common.video import make_grid, to_uint8, write_gif, write_samples
 
 SCRIPT = "vdm"
@@ -417,6 +418,18 @@ def check_config(cfg: Config, stage: str):
                         f"{4 * cfg.resolution}) or use --preset ucf256")
 
 
+def step_memory(cfg: Config) -> dict:
+    """A floor of what one step of each stage holds (common/run.py): the clips and the U-Net's first
+    activations at full size (the SR model's input holds the upsampled low-resolution clip as well)."""
+    R, S = cfg.resolution, cfg.sr_resolution
+    needs = {f"a base step on {cfg.batch_size} clips of {cfg.frames}x{R}x{R}":
+             clip_floats(cfg.batch_size, cfg.frames, R, 3 + 2 * cfg.ch)}
+    if S:
+        needs[f"a super-resolution step on {cfg.sr_batch_size} clips of {cfg.frames}x{S}x{S}"] = \
+            clip_floats(cfg.sr_batch_size, cfg.frames, S, 6 + 2 * cfg.sr_ch)
+    return needs
+
+
 def output_resolution(cfg: Config) -> int:
     return cfg.sr_resolution or cfg.resolution
 
@@ -431,6 +444,7 @@ def report_sizes(cfg: Config, base: UNet3D, sr: Optional[UNet3D], print_fn=print
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg, args.stage)
+    check_memory(step_memory(cfg), pick_device(args.device))
     stages = tuple(s for s in STAGES if s == "base" or cfg.sr_resolution) if args.stage == "all" else (args.stage,)
     data = {}
     if "base" in stages:
@@ -570,6 +584,7 @@ def sample(args):
     sched = Schedule.make(cfg.schedule, cfg.timesteps)
     check_steps(sched, ("--steps", args.steps))
     check_sr_noise(args.sr_noise, cfg)
+    check_sample_memory(args.n, args.frames or cfg.frames, output_resolution(cfg), device)
     out = output_folder(args.out or path.parent / "samples" / "sample")
     videos = generate(base, sr, sched, cfg, n=args.n, frames=args.frames, steps=args.steps, sampler=args.sampler,
                       eta=args.eta, sr_noise=args.sr_noise, seed=args.seed, device=device,
@@ -613,7 +628,7 @@ def cli(argv=None):
                        help="noise level s of the SR model's low-resolution input, 0 = clean (default: the run's "
                             "sr_aug_max / 5, ours)")
     args = parser.parse_args(argv)
-    {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
+    run_command(args, train=train, sample=sample, eval=evaluate)
 
 
 if __name__ == "__main__":

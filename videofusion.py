@@ -47,8 +47,9 @@ from common.evaluate import evaluate_run
 from common.files import output_folder
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
-from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
-from common.train import Run, train_stage
+from common.run import (autocast, check_memory, check_sample_memory, clip_floats, count_params, fmt_params,
+                        pick_device, pick_precision)
+from common.train import Run, run_command, train_stage
 from common.video import grid_columns, make_grid, to_uint8, write_gif, write_samples
 
 SCRIPT = "videofusion"
@@ -497,6 +498,15 @@ def check_config(cfg: Config, stage: str):
         raise UserError("--stage ae trains the autoencoder of --space latent; pixel space has none")
 
 
+def step_memory(cfg: Config) -> dict:
+    """A floor of what one training step holds (common/run.py): the clips and the first layers' activations at
+    full size (the U-Nets' in pixel space, the autoencoder's in latent space)."""
+    width = cfg.ae_ch if cfg.space == "latent" else max(cfg.base_ch, cfg.res_ch)
+    R = cfg.resolution
+    return {f"a step on {cfg.batch_size} clips of {cfg.frames}x{R}x{R}":
+            clip_floats(cfg.batch_size, cfg.frames, R, 3 + 2 * width)}
+
+
 def frozen_autoencoder(run: Run, cfg: Config, model: "VideoFusion", ae: "FrameAutoencoder") -> "FrameAutoencoder":
     """The run's trained autoencoder for the diffusion stages, and the latent scale they use: 1 / std of held-out
     latents (LDM's scale_by_std), so that the diffused latents have unit variance. A resumed diffusion stage
@@ -516,6 +526,7 @@ def frozen_autoencoder(run: Run, cfg: Config, model: "VideoFusion", ae: "FrameAu
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg, args.stage)
+    check_memory(step_memory(cfg), pick_device(args.device))
     # a class-conditional preset on unlabelled data trains unconditionally (known from the name, before any probe)
     unlabelled = cfg.class_cond and cfg.data not in LABELLED
     if unlabelled:
@@ -688,6 +699,7 @@ def sample(args):
     elif args.label is not None:
         raise UserError(f"{path} is unconditional: --label needs a run trained with --class-cond")
     check_frames(args.frames, cfg)
+    check_sample_memory(args.n, args.frames or cfg.frames, cfg.resolution, device)
     out = output_folder(args.out or path.parent / "samples" / (f"share-{args.share}" if args.share else "sample"))
     videos = generate(model, ae, sched, cfg, n=args.n, steps=args.steps, frames=args.frames, sampler=args.sampler,
                       eta=args.eta, labels=labels, guidance=args.guidance, share=args.share, seed=args.seed,
@@ -730,7 +742,7 @@ def cli(argv=None):
     s.add_argument("--share", default=None, choices=["base", "residual"],
                    help="Figure 1: videos in a grid row share their base (or residual) noise")
     args = parser.parse_args(argv)
-    {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
+    run_command(args, train=train, sample=sample, eval=evaluate)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from common.checkpoint import config_from_checkpoint, find_checkpoint, load_checkpoint, load_state_checked
-from common.cli import SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag, main, number
+from common.cli import (GUIDANCE_MAX, SEED_MAX, build_parser, check_steps, config_from_args, eval_settings, flag,
+                        main, number)
 from common.data import DATASETS, LABELLED, SyntheticVideos, fixed_batch, make_dataset
 from common.diffusion import Schedule, cfg_vqvdm, ddim_sample, ddpm_sample, guided
 from common.errors import UserError
@@ -64,8 +65,9 @@ from common.gan import (feature_matching, frozen, generator_turn, pix2pix_init, 
 from common.lpips import perceptual_loss_or_none
 from common.metrics import psnr
 from common.nn import norm, timestep_embedding, zero
-from common.run import autocast, count_params, fmt_params, pick_device, pick_precision
-from common.train import Run, train_stage
+from common.run import (autocast, check_memory, check_sample_memory, clip_floats, count_params, fmt_params,
+                        pick_device, pick_precision)
+from common.train import Run, run_command, train_stage
 from common.video import make_grid, to_uint8, write_gif, write_samples
 
 SCRIPT = "vqvdm"
@@ -142,6 +144,7 @@ PRESETS = {
 PRESETS["sky128"] = replace(PRESETS["ucf128"], data="sky", class_cond=False, fps_cond=False, rho=1.0)
 
 STAGES = ("ae", "diffusion")
+FPS_MAX = 240      # --fps: the highest rate common cameras record; the PE of Eq. (6) has seen the data's rates
 AE_ARCH = ("resolution", "ae_ch", "ae_down_t", "ae_down_s", "z_channels", "n_codes", "disc_ch", "disc_layers")
 ARCH = AE_ARCH + ("frames", "class_cond", "fps_cond", "num_classes", "latent", "ch", "mult", "blocks", "attn_ds",
                   "heads", "schedule", "timesteps")
@@ -630,6 +633,16 @@ def check_config(cfg: Config):
                         f" use at least {2 ** cfg.disc_layers} frames")
 
 
+def step_memory(cfg: Config) -> dict:
+    """A floor of what one step of each stage holds (common/run.py): the clips, the VQGAN's reconstruction and
+    its first stage's activations at full size (2 ae_ch channels)."""
+    R, width = cfg.resolution, 2 * cfg.ae_ch
+    return {f"a VQGAN step on {cfg.ae_batch_size} clips of {cfg.frames}x{R}x{R}":
+            clip_floats(cfg.ae_batch_size, cfg.frames, R, 6 + 2 * width),
+            f"a diffusion step on {cfg.batch_size} clips of {cfg.frames}x{R}x{R}":
+            clip_floats(cfg.batch_size, cfg.frames, R, 3 + width)}
+
+
 def clip_fps(data) -> np.ndarray:
     """The frame rate of every clip the dataset can give (file fps / stride; nan where a video has none)."""
     if isinstance(data, SyntheticVideos):
@@ -691,6 +704,7 @@ def set_latent_range(unet: UNet3D, vq: VQGAN3D, data, device, clips=32, batch_si
 def train(args):
     cfg = config_from_args(Config, PRESETS, args)
     check_config(cfg)
+    check_memory(step_memory(cfg), pick_device(args.device))
     said = []
     # a conditional preset on data without labels or frame rates trains without them (known from the name)
     if cfg.class_cond and cfg.data not in LABELLED:
@@ -854,6 +868,7 @@ def sample(args):
     sched = Schedule.make(cfg.schedule, cfg.timesteps)
     check_steps(sched, ("--steps", args.steps))
     check_frames(args.frames, cfg)
+    check_sample_memory(args.n, args.frames or cfg.frames, cfg.resolution, device)
     labels, fps = conditioning(args, cfg, unet, args.n)
     out = output_folder(args.out or path.parent / "samples" / "sample")
     videos = generate(unet, vq, sched, cfg, n=args.n, labels=labels, fps=fps, guidance=args.guidance,
@@ -895,8 +910,9 @@ def evaluate(args):
 def cli(argv=None):
     parser, sub = build_parser(SCRIPT, __doc__, Config, PRESETS, stages=("all", *STAGES))
     s = sub["sample"]
-    s.add_argument("--fps", type=number(float, lo=0, lo_open=True), default=None,
-                   help="frame rate of the clips (default: the training data's)")
+    s.add_argument("--fps", type=number(float, 0, FPS_MAX, lo_open=True), default=None,
+                   help=f"frame rate of the clips, above 0 and at most {FPS_MAX} (default: the training data's "
+                        f"median)")
     s.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
                    help="DDPM (--steps below T respaces it) or DDIM")
     s.add_argument("--eta", type=number(float, 0, 1), default=1.0, help="DDIM stochasticity")
@@ -904,13 +920,14 @@ def cli(argv=None):
                    help="snap sampled z_e to its nearest codes before decoding (runs trained with --latent z_q "
                         "diffuse codes: nothing to snap)")
     s.set_defaults(steps=100, guidance=1.0)
-    sub["eval"].add_argument("--guidance", type=number(float, lo=0), default=1.0, help="classifier-free guidance w")
+    sub["eval"].add_argument("--guidance", type=number(float, 0, GUIDANCE_MAX), default=1.0)
     for p in (s, sub["eval"]):   # Eq. (9)'s w differs from LVDM's and VideoFusion's: say so where users look
         next(a for a in p._actions if a.dest == "guidance").help = (
             "classifier-free guidance w of Eq. (9), w (eps_c - eps_u) + eps_u: 1 is the plain conditional model, "
-            "0 the unconditional one, above 1 guided (LVDM's and VideoFusion's w = this w - 1)")
+            "0 the unconditional one, above 1 guided (LVDM's and VideoFusion's w = this w - 1); 0 to "
+            f"{GUIDANCE_MAX}")
     args = parser.parse_args(argv)
-    {"train": train, "sample": sample, "eval": evaluate}[args.command](args)
+    run_command(args, train=train, sample=sample, eval=evaluate)
 
 
 if __name__ == "__main__":

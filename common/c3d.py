@@ -87,17 +87,18 @@ def load_c3d(path, mean_path=None, device="cpu") -> C3D:
     path = Path(path)
     if not path.exists():
         raise UserError(f"C3D weights {path} do not exist; {WHERE}")
-    if path.suffix == ".npz":
-        with np.load(path) as arrays:
-            sd = _chainer_to_torch(arrays)
-    else:
-        try:
-            if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-                sd = torch.jit.load(str(path), map_location="cpu").state_dict()     # a TorchScript export
-            else:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read {path} as C3D weights ({type(e).__name__}); {WHERE}") from None
+    try:     # a text file, a damaged archive or another network's arrays: one sentence, not np.load's traceback
+        if path.suffix == ".npz":
+            with np.load(path) as arrays:
+                sd = _chainer_to_torch(arrays)
+        elif zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()     # a TorchScript export
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read {path} as C3D weights ({type(e).__name__}); {WHERE}") from None
     if "mean" not in sd:
         mean_path = Path(mean_path) if mean_path else path.with_name("mean2.npz")
         if not mean_path.exists():

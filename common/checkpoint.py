@@ -107,6 +107,7 @@ def load_checkpoint(path, script: str, must_match: dict = None, map_location="cp
         raise UserError(f"{path} has format {ckpt['format_version']}, newer than this code's {FORMAT_VERSION}: "
                         f"update vidiff")
     ckpt = verified(ckpt, path, entries)
+    check_structure(ckpt, path)
     if ckpt["script"] != script:
         raise UserError(f"{path} was written by {ckpt['script']}.py, not {script}.py: pass a {script} checkpoint")
     if ckpt.get("format_version", 0) < FORMAT_VERSION:
@@ -132,6 +133,47 @@ def verified(ckpt: dict, path, entries=None) -> dict:
                 raise UserError(f"{path} is damaged: its {key!r} entry does not match the checksum saved with it (the "
                                 f"file changed on disk or in a copy): use another copy, or train again")
     return {k: ckpt[k] for k in keep}
+
+
+def _plain(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, (list, tuple)) and all(map(_plain, v)))
+
+
+def _weights(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and torch.is_tensor(w) for k, w in v.items())
+
+
+# what each entry must be (a file that passes its checksums may still have been written by other code)
+STRUCTURE = {
+    "script": ("a script name", lambda v: isinstance(v, str)),
+    "stage": ("a stage name", lambda v: isinstance(v, str)),
+    "format_version": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "step": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "samples": ("an integer >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+    "config": ("a dict of settings (names to numbers, strings or lists)",
+               lambda v: isinstance(v, dict) and all(isinstance(k, str) and _plain(x) for k, x in v.items())),
+    "model": ("a state dict (names to tensors)", _weights),
+    "ema": ("a dict with the EMA's state dict ('model') and its update count ('updates')",
+            lambda v: isinstance(v, dict) and _weights(v.get("model")) and isinstance(v.get("updates"), int)),
+    "optimizer": ("an optimizer state dict ('state' and 'param_groups')",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)),
+    "scaler": ("a dict", lambda v: isinstance(v, dict)),
+    "rng": ("a dict of RNG states ('torch', 'cuda', 'numpy', 'python')",
+            lambda v: isinstance(v, dict) and {"torch", "cuda", "numpy", "python"} <= set(v)),
+}
+
+
+def check_structure(ckpt: dict, path):
+    """Every entry has the type vidiff writes, and the entries that say what a checkpoint is are there: a file
+    with a string for its config or a list for its EMA is one sentence, not a traceback later."""
+    for key in ("script", "stage", "config"):
+        if key not in ckpt:
+            raise UserError(f"{path} is not a vidiff checkpoint: it has no {key!r} entry")
+    for key, (what, ok) in STRUCTURE.items():
+        if key in ckpt and not ok(ckpt[key]):
+            raise UserError(f"{path} is not a vidiff checkpoint: its {key!r} entry should be {what}, found a "
+                            f"{type(ckpt[key]).__name__}")
 
 
 def config_from_checkpoint(config_cls, ckpt: dict, path):

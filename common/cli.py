@@ -32,6 +32,9 @@ class Parser(argparse.ArgumentParser):
 
 
 SEED_MAX = 2 ** 63 - 1      # torch.manual_seed takes a signed 64-bit integer
+# classifier-free guidance weights the papers use are single digits (LVDM, VideoFusion: 0.1-10; VQ-VDM's Eq. (9) w
+# around 1-5); far above, samples are saturated noise, so 1e30 is a typing mistake, not a setting
+GUIDANCE_MAX = 100
 
 
 def number(kind: type, lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], object]:
@@ -106,7 +109,10 @@ def main(run: Callable[[], None]):
     try:
         run()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if "\nOriginal Traceback" in message:   # raised in a DataLoader worker: its last line is the sentence
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -141,7 +147,8 @@ def build_parser(script: str, description: str, config_cls, presets, stages=("al
     sample.add_argument("--frames", type=number(int, lo=1), default=None,
                         help="frames per video (default: the training clip)")
     sample.add_argument("--steps", type=number(int, lo=1), default=50, help="sampling steps")
-    sample.add_argument("--guidance", type=number(float, lo=0), default=0.0, help="classifier-free guidance weight w")
+    sample.add_argument("--guidance", type=number(float, 0, GUIDANCE_MAX), default=0.0,
+                        help=f"classifier-free guidance weight w (0 to {GUIDANCE_MAX})")
     sample.add_argument("--label", type=number(int, lo=0), default=None, help="class label (class-conditional runs)")
     sample.add_argument("--seed", type=number(int, 0, SEED_MAX), default=0, help="random seed")
     sample.add_argument("--out", default=None, help="output directory (default: <run>/samples/sample)")

@@ -9,6 +9,7 @@ the key, and the key stream only on (seed, samples seen), a resumed run reads ex
 """
 import json
 import os
+import stat
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,9 +103,27 @@ class SyntheticVideos(Dataset):
 
 # --- Datasets of files ---
 
+def _not_readable_kind(p: Path):
+    """'a FIFO', 'a socket', 'a device' for a path that is neither a regular file nor a folder (reading one would
+    block for ever, or never end), 'missing' for a path that does not exist; None for a file or folder."""
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return "missing"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
 def _probe_all(paths: list) -> dict:
-    """{path: (frames, fps)} for every readable path; unreadable ones are warned about and left out.
-    Results are cached on disk, keyed by path, size and modification time, so a second run starts at once."""
+    """{path: (frames, fps)} for every readable path; unreadable ones, and paths that are no file or folder (a
+    FIFO would block the probe for ever), are warned about and left out. Results are cached on disk, keyed by path,
+    size and modification time, so a second run starts at once."""
+    for p in paths:
+        kind = _not_readable_kind(p)
+        if kind:
+            warnings.warn(f"skipping {p}: it is {kind}, not a video file or frame folder")
+    paths = [p for p in paths if not _not_readable_kind(p)]
     if any(not p.is_dir() for p in paths):
         pyav()      # video files need it: one error now, not a warning per file that leaves none to train on
     cache_file = cache_dir() / "probe.json"
@@ -115,7 +134,7 @@ def _probe_all(paths: list) -> dict:
 
     def key(p):
         st = p.stat()
-        return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+        return f"2|{p}|{st.st_size}|{st.st_mtime_ns}"     # 2: frame folders' first image is read too
 
     def one(p):
         k = key(p)
@@ -149,6 +168,9 @@ class VideoClips(Dataset):
         info = _probe_all([p for p, _ in items])
         self.videos = [(p, label, *info[p]) for p, label in items if p in info and info[p][0] >= need]
         self.left_out = len(items) - len(self.videos)
+        if items and not info:
+            raise UserError(f"none of the {len(items)} videos found in {name} can be read (the warnings above say "
+                            f"why): check the files, or re-encode them with ffmpeg")
         if not self.videos:
             raise TooShort(f"no video in {name} has the {need} frames a clip needs ({frames} frames at stride "
                            f"{stride}); {len(items)} found: pass a smaller --frames or use longer videos",
@@ -180,7 +202,8 @@ class VideoClips(Dataset):
                 continue
             clip_fps = fps / self.stride if np.isfinite(fps) else float("nan")
             return {"video": clip_from_frames(frames, self.resolution), "label": label, "fps": clip_fps}
-        raise RuntimeError(f"every video in {self.name} failed to decode")
+        raise UserError(f"every video in {self.name} failed to decode (the warnings above name each one): check "
+                        f"the files, or re-encode them with ffmpeg")
 
     def _skip(self, i, path, err):
         self._bad.add(i)
@@ -296,6 +319,11 @@ def make_dataset(name: str, root=None, *, frames=16, resolution=64, stride=None,
     if root is None:
         raise UserError(f"--data {name} needs --data-root PATH pointing at the dataset")
     root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--data-root {root} is {_not_readable_kind(root) or 'a file'}, not a folder: pass the "
+                        f"folder of the {name} data")
+    if split not in ("train", "test", "all"):
+        raise UserError(f"unknown split {split!r}: expected train or test")
     stride = stride or (4 if name == "taichi" else 1)
     num_classes = 0
     if name == "ucf101":

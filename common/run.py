@@ -34,6 +34,46 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     raise UserError(f"unknown device {name!r}: expected auto, cpu or cuda")
 
 
+# --- Sizes checked before anything is allocated ---
+
+def memory_total(device: torch.device) -> tuple:
+    """(bytes, words) of the memory a command on `device` has: the GPU's, or this machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "the GPU's memory"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return ""
+
+
+def clip_floats(batch: int, frames: int, resolution: int, channels: int) -> float:
+    """Bytes of `batch` float32 tensors of (channels, frames, resolution, resolution): a floor of what a step on
+    such clips holds at once (each network's first layers keep at least two activations of their width at full
+    size for the backward pass: a convolution's output and its normalisation's)."""
+    return 4.0 * batch * frames * resolution ** 2 * channels
+
+
+def check_memory(needs: dict, device: torch.device, fix: str = "--frames, --resolution or --batch-size"):
+    """needs: {what: bytes at least}. Refuse, before any allocation, a size the device's memory cannot hold, in
+    one sentence with the estimate: an absurd --frames is an error now, not a machine swapping for an hour."""
+    total, where = memory_total(device)
+    for what, nbytes in needs.items():
+        if nbytes > total:
+            raise UserError(f"{what} would need at least {fmt_bytes(nbytes)}, more than {where} "
+                            f"({fmt_bytes(total)}): pass a smaller {fix}")
+
+
+def check_sample_memory(n: int, frames: int, resolution: int, device: torch.device):
+    """What sampling n videos of `frames` frames holds at the end whatever the method: the videos as floats."""
+    check_memory({f"{n} videos of {frames} frames at {resolution}x{resolution}":
+                  clip_floats(n, frames, resolution, 3)}, device, "--n or --frames")
+
+
 def pick_precision(name: str, device: torch.device):
     """The autocast dtype, or None for plain fp32. auto: bf16 on CUDA GPUs that support it, fp32 on CPU."""
     if name == "auto":

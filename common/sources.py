@@ -33,7 +33,11 @@ def parse_source(spec: str):
         return "folder", path
     name, _, root = spec.partition(":")
     if name in DATASETS:
-        return name, (Path(root).expanduser() if root else None)
+        root = Path(root).expanduser() if root else None
+        if root is not None and not root.is_dir():
+            raise UserError(f"{spec!r}: {root} {'is not a folder' if root.exists() else 'does not exist'}: pass the "
+                            f"folder of the {name} data (README, Data)")
+        return name, root
     raise UserError(f"{spec!r} is neither a .npz file, an existing folder nor a dataset spec such as "
                     f"ucf101:/path/to/ucf or synthetic")
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from common.checkpoint import load_checkpoint, load_state_checked, rng_state, save_checkpoint, set_rng_state
 from common.data import make_loader
 from common.errors import UserError
-from common.files import atomic_write, output_folder
+from common.files import atomic_write, output_folder, release_locks
 from common.run import EMA, Dist, RunLog, autocast, init_distributed, pick_precision, seed_everything
 
 
@@ -42,9 +42,9 @@ class Run:
         world, dev = init_distributed(device)
         run_dir = Path(run_dir or f"runs/{script}-{config.data}-{preset}")
         if world.is_main:
-            # made and tried with a write (a read-only disk fails here, not after training), killed writes'
-            # temporary files gone from it and from samples/
-            output_folder(run_dir, nested=True)
+            # made and tried with a write (a read-only disk fails here, not after training), locked against a
+            # second `train`, killed writes' temporary files gone from it and from samples/
+            output_folder(run_dir, nested=True, lock=True)
             check_run_dir(run_dir, must_match or {})
         seed_everything(config.seed + world.rank)
         text = json.dumps({"script": script, "preset": preset, **dataclasses.asdict(config)}, indent=2)
@@ -70,6 +70,15 @@ class Run:
     def print(self, *msg):
         if self.dist.is_main:
             tqdm.write(" ".join(str(m) for m in msg))
+
+
+def run_command(args, **commands):
+    """Run the sub-command `args.command` (train=..., sample=..., eval=...); the run folder a `train` locked is let
+    go when it returns or fails, so the same process (a notebook, a test) may train that run again."""
+    try:
+        commands[args.command](args)
+    finally:
+        release_locks()
 
 
 def check_run_dir(run_dir: Path, must_match: dict):

@@ -51,16 +51,20 @@ def pyav():
 
 
 def list_frames(folder) -> list:
-    """Sorted image files directly inside `folder`."""
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    """Sorted image files directly inside `folder` (regular files: a FIFO named 0001.png would block a read)."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
 def probe(path) -> tuple:
     """(number of frames, fps) of a video file or frame folder, from metadata where the container has it.
-    Raises av.FFmpegError, or IndexError for a file without a video stream, when the file is unreadable."""
+    Raises av.FFmpegError, or IndexError for a file without a video stream, when the file is unreadable (and
+    Pillow's error for a frame folder whose first image is)."""
     path = Path(path)
     if path.is_dir():
-        return len(list_frames(path)), float("nan")
+        files = list_frames(path)
+        if files:
+            read_image(files[0])     # a folder of unreadable images is unreadable now, not at its first clip
+        return len(files), float("nan")
     av = pyav()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]

