@@ -165,11 +165,8 @@ STRUCTURE = {
 
 
 def check_structure(ckpt: dict, path):
-    """Every entry has the type vidiff writes, and the entries that say what a checkpoint is are there: a file
-    with a string for its config or a list for its EMA is one sentence, not a traceback later."""
-    for key in ("script", "stage", "config"):
-        if key not in ckpt:
-            raise UserError(f"{path} is not a vidiff checkpoint: it has no {key!r} entry")
+    """Every entry has the type vidiff writes: a file with a string for its config or a list for its EMA is one
+    sentence, not a traceback later. (Which entries a command needs, it asks for: config_from_checkpoint.)"""
     for key, (what, ok) in STRUCTURE.items():
         if key in ckpt and not ok(ckpt[key]):
             raise UserError(f"{path} is not a vidiff checkpoint: its {key!r} entry should be {what}, found a "
@@ -179,6 +176,8 @@ def check_structure(ckpt: dict, path):
 def config_from_checkpoint(config_cls, ckpt: dict, path):
     """The `config_cls` a checkpoint was trained with; a setting this version of the script does not know is one
     sentence naming it (a checkpoint from a newer vidiff)."""
+    if "config" not in ckpt:
+        raise UserError(f"{path} is not a vidiff checkpoint: it has no 'config' entry")
     known = {f.name for f in dataclasses.fields(config_cls)}
     unknown = [key for key in ckpt["config"] if key not in known]
     if unknown:

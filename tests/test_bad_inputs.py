@@ -22,6 +22,7 @@ import vqvdm
 from common import evaluate
 from common.checkpoint import save_checkpoint
 from common.cli import main
+from common.errors import UserError
 from common.files import lock_folder, release_locks
 from eval import fvd, inception_score
 from tests.fixtures import ROOT, permissions_apply, read_only, run_script
@@ -94,6 +95,7 @@ DAMAGE = {     # and "flipped": 64 bytes inside the weights sampling reads
     # well-formed files with the checksums right, of the wrong structure
     "strconfig": lambda p: rewrite(p, lambda c: c.update(config="frames=4")),
     "listema": lambda p: rewrite(p, lambda c: c.update(ema=list(c["ema"]["model"].values()))),
+    "noconfig": lambda p: rewrite(p, lambda c: c.pop("config")),
 }
 
 
@@ -425,6 +427,8 @@ CASES += [
 # checkpoints whose checksums hold but whose structure is not vidiff's
 CASES += [((script, ["sample", "--run", f"{{{script}-{how}}}"]), f"its {entry!r} entry should be")
           for script in TRAIN for how, entry in (("strconfig", "config"), ("listema", "ema"))]
+CASES += [((script, ["sample", "--run", f"{{{script}-noconfig}}"]), "is not a vidiff checkpoint: it has no 'config' "
+                                                                    "entry") for script in ("pvdm", "lvdm")]
 # ranges a user can defend, and eval flags this run would not use
 CASES += [
     (("lvdm", ["sample", "--run", "{lvdm}", "--guidance", "1e30"]), "--guidance must be a finite number between 0 and "
@@ -433,6 +437,7 @@ CASES += [
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--guidance", "1e30"]), "--guidance must be"),
     (("vqvdm", ["eval", "--run", "{vqvdm}", "--guidance", "1e30"]), "--guidance must be"),
     (("vqvdm", ["sample", "--run", "{vqvdm}", "--fps", "1e30"]), "--fps must be a finite number > 0 and <= 240"),
+    (("vqvdm", ["sample", "--run", "{vqvdm}", "--fps", "0"]), "--fps must be a finite number > 0 and <= 240, got 0"),
     (("videofusion", ["sample", "--run", "{videofusion}", "--guidance", "1e30"]), "--guidance must be"),
     (("videofusion", ["eval", "--run", "{videofusion}", "--i3d", "{scratch}/i3d.pt"]), "--i3d would go unused: this "
      "run makes 4-frame clips"),
@@ -567,3 +572,17 @@ def test_a_second_train_on_a_run_folder_is_refused_while_the_first_holds_it(worl
         holder.wait()
     lock_folder(run)             # free again: the holder's death released it
     release_locks()
+
+
+class _Refusing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise UserError("every video in folder failed to decode")
+
+
+def test_a_mistake_found_inside_a_data_loader_worker_is_still_one_sentence(capsys):
+    """A worker process wraps the UserError in its traceback text; main prints only the sentence."""
+    status, err = as_user(lambda argv: next(iter(torch.utils.data.DataLoader(_Refusing(), num_workers=1))), [], capsys)
+    assert (status, err.strip().splitlines()) == (2, ["error: every video in folder failed to decode"]), err

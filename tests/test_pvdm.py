@@ -956,8 +956,8 @@ def test_diffusion_loss_is_eq3_on_given_draws_against_a_reference_in_values_and_
         torch.testing.assert_close(out["loss"], ref)
         assert out["cond_share"].item() == sum(conditional) / 4
         ref.backward()
-        for a, p in zip(got, unet.parameters()):
-            torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-4)
+        for a, p in zip(got, unet.parameters()):     # float32 sums in another order: rounding of the tensor's scale
+            torch.testing.assert_close(a, p.grad, atol=1e-4 * p.grad.abs().max().item(), rtol=1e-4)
 
 
 def test_diffusion_loss_draws_every_timestep_and_every_window():

@@ -62,7 +62,7 @@ def test_flipped_bytes_are_refused_and_a_mapped_load_verifies_what_it_returns(tm
     checksums. A load that asks for some entries (mmap sampling) verifies and returns only those."""
     model = torch.nn.Linear(256, 256)
     ema = {k: v.clone() for k, v in model.state_dict().items()}      # its own bytes: torch.save shares storages
-    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "ema": {"model": ema},
+    save_checkpoint(tmp_path / "c.pt", {"model": model.state_dict(), "ema": {"model": ema, "updates": 1},
                                         "config": {}, "script": "toy", "step": 1})
     data = bytearray((tmp_path / "c.pt").read_bytes())
     torch.load(tmp_path / "c.pt", weights_only=True)                 # the reference: loads
@@ -338,7 +338,7 @@ def test_torchrun_two_processes_train_and_only_rank_0_writes(tmp_path):
     out = torchrun("tests/toy_script.py", "train", "--run", str(tmp_path), "--steps", "4", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]          # one line per step, not one per rank
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion.pt", "log.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".train.lock", "config.json", "diffusion.pt", "log.jsonl"]
     ckpt = load_checkpoint(tmp_path / "diffusion.pt", "toy")
     assert ckpt["step"] == 4 and ckpt["samples"] == 4 * 2 * 2        # steps x batch x world
     # and it resumes on one process, continuing the data stream where the two left it

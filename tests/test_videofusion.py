@@ -241,7 +241,7 @@ def test_a_frame_count_other_than_the_runs_is_refused(trained, command):
 
 
 def test_eval_of_clips_shorter_than_i3d_needs_says_why_there_is_no_fvd(trained, capsys):
-    vf.cli(["eval", "--run", str(trained), "--n", "4", "--steps", "2", "--i3d", "/no/i3d/needed.pt"])
+    vf.cli(["eval", "--run", str(trained), "--n", "4", "--steps", "2"])
     saved = json.loads((trained / "eval.json").read_text())
     assert saved["frames"] == 4 and "fvd" not in saved and "kvd" not in saved
     assert "I3D needs clips of at least 9 frames" in saved["note"]

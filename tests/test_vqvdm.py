@@ -760,13 +760,13 @@ def test_a_few_steps_of_each_stage_lower_the_loss_on_a_fixed_batch(stage):
     else:
         model = vqvdm.UNet3D(cfg)
         fn = lambda: vqvdm.diffusion_loss(model, sched, z0, fps, label, 0.5, 4)          # noqa: E731
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.5, 0.9))
+    # 1e-3 for the U-Net: at 2e-3 its 30 steps lowered the loss with one BLAS thread and raised it with two
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3 if stage == "ae" else 1e-3, betas=(0.5, 0.9))
 
-    def evaluate():
-        torch.manual_seed(123)
+    def evaluate():     # the mean over 8 draws of t and noise: one draw's loss varies more than 30 steps lower it
         model.eval()
         with torch.no_grad():
-            return fn().item()
+            return sum(torch.manual_seed(123 + k) and fn().item() for k in range(8)) / 8
 
     before = evaluate()
     model.train()
@@ -887,7 +887,7 @@ def test_user_mistakes_are_refused_in_one_sentence(tmp_path, trained):
     assert not (tmp_path / "r").exists()
     with pytest.raises(UserError, match="no checkpoint at .*none"):
         vqvdm.cli(["sample", "--run", str(tmp_path / "none")])
-    with pytest.raises(UserError, match="--guidance must be a finite number >= 0"):
+    with pytest.raises(UserError, match="--guidance must be a finite number between 0 and 100"):
         vqvdm.cli(["sample", "--run", str(trained), "--guidance", "nan"])
     with pytest.raises(UserError, match="--label must be in 0..3"):
         vqvdm.cli(["sample", "--run", str(trained), "--label", "4"])
