@@ -38,7 +38,8 @@ def test_the_base_model_has_399m_parameters_at_16x64_and_the_sr_stage_48m_to_256
         t = torch.zeros(1, dtype=torch.long)
         assert tuple(base(torch.empty(1, 3, 16, 64, 64), t).shape) == (1, 3, 16, 64, 64)
         assert tuple(sr(torch.empty(1, 6, 16, 256, 256), t, t).shape) == (1, 3, 16, 256, 256)
-    assert count_params(base) == 399_070_203 and round(count_params(sr) / 1e6, 1) == 48.2
+    # 399_070_203 before the read-out (3 x 150 + 3 parameters) was added
+    assert count_params(base) == 399_070_656 and round(count_params(sr) / 1e6, 1) == 48.2
     assert vdm.PRESETS["ucf64"].sr_resolution == 0 and (cfg.resolution, cfg.sr_resolution) == (64, 256)
 
 
@@ -162,6 +163,32 @@ def test_every_block_runs_once_and_removing_any_one_changes_the_output(stage):
             change = (net(x, t, s) - out).abs().max() / out.abs().max()
             hook.remove()
             assert change > 1e-3, f"removing {name} leaves the output as it was"
+
+
+@pytest.mark.parametrize("stage", ["base", "sr"])
+def test_the_output_is_adms_head_plus_a_norm_free_linear_read_out_of_the_first_convolution(stage):
+    """eps_hat = out(h) + read_out(inp(x)), by hand: the read-out is a 1x1x1 conv of the first layer's features,
+    with no norm on its path, so a shift of the clip's mean colour reaches eps_hat linearly (vdm.py UNet3D), and
+    it starts at zero, so a new model computes what ADM's head alone computes."""
+    net, x, t, s = random_net(stage)
+    head_out = {}
+    hook = net.out.register_forward_hook(lambda m, i, o: head_out.update(o=o))
+    with torch.no_grad():
+        out = net(x, t, s)
+        hook.remove()
+        by_hand = head_out["o"] + nn.functional.conv3d(net.inp(x), net.read_out.weight, net.read_out.bias)
+        assert torch.allclose(out, by_hand, atol=1e-5)
+        assert net.read_out.weight.abs().min() > 0                        # randomize reached it: a real check
+        d = torch.zeros_like(x)
+        d[:, 0] = 0.3                                                      # the red channel's mean colour
+        inp = nn.functional.conv3d(d, net.inp.weight, None, padding=(0, 1, 1))   # the first conv is linear
+        lin = nn.functional.conv3d(inp, net.read_out.weight)
+        net.out.register_forward_hook(lambda m, i, o: torch.zeros_like(o))    # the head silenced: only the path
+        assert torch.allclose(net(x + d, t, s) - net(x, t, s), lin, atol=1e-5)
+    net(x, t, s).sum().backward()                   # the path trains the first conv too (gradients, not only values)
+    assert net.inp.weight.grad is not None and net.inp.weight.grad.abs().sum() > 0
+    fresh = vdm.UNet3D(vdm.base_shape(small()) if stage == "base" else vdm.sr_shape(small()))
+    assert not fresh.read_out.weight.any() and not fresh.read_out.bias.any()
 
 
 @pytest.mark.parametrize("preset, stage", [("tiny", "base"), ("tiny", "sr"), ("ucf256", "base"), ("ucf256", "sr")])
@@ -388,9 +415,9 @@ def watch_the_cascade(monkeypatch):
 
 
 @pytest.mark.parametrize("sampler, steps, eta, sr_noise, level, frames", [
-    ("ddim", 6, 0.0, None, 8, None),     # the defaults: DDIM, the SR input at level sr_aug_max // 5
+    ("ddim", 6, 0.0, None, 8, None),     # DDIM, the SR input at its default level sr_aug_max // 5
     ("ddim", 5, 0.5, 0, 0, 10),          # stochastic DDIM, a clean SR input, more frames than training's
-    ("ddpm", 7, 0.0, 39, 39, None),      # ancestral, respaced; the highest level training draws (< sr_aug_max)
+    ("ddpm", 7, 0.0, 39, 39, None),      # ancestral (the default), respaced; the highest level training draws (< sr_aug_max)
     ("ddpm", 1000, 0.0, 1, 1, 10),       # the full chain down to t = 0; level 1, the forward process's step 0
 ])
 def test_sample_with_the_optimal_denoisers_of_one_clip_returns_that_clip(monkeypatch, tmp_path, sampler, steps, eta,
@@ -513,7 +540,7 @@ def test_eval_prints_fvd_at_the_output_size(trained):
              "--sr-noise", "7"])
     result = json.loads((trained / "eval.json").read_text())
     assert result["fvd"] > 0 and "kvd" in result and result["resolution"] == 16 and result["frames"] == 12
-    assert result["sampler"] == {"sampler": "ddim", "steps": 2, "eta": 0.0, "sr_noise": 7}
+    assert result["sampler"] == {"sampler": "ddpm", "steps": 2, "eta": 0.0, "sr_noise": 7}
 
 
 def test_both_stages_keep_the_ranks_in_step_under_torchrun(tmp_path):
