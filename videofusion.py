@@ -12,7 +12,8 @@ lighter U-Net with temporal attention, sees all frames with the estimated base p
 
 Implemented here, all of it:
   §3.1 decomposed forward process, lam as a flag (Table 5: 0.5 is the paper's setting)
-  §3.2 base generator z_phi^b(z_t^k, t) and residual generator z_psi^r(z'_t, t, i)
+  §3.2 base generator z_phi^b(z_t^k, t) and residual generator z_psi^r(z'_t, t, i) (ADM-style U-Nets with a
+       norm-free linear read-out beside the output head, ours: see UNet.read_out)
   §3.3 the training loss with stop-gradient on the base prediction (Table 7), and `--joint full|fixed` for the
        two ablations; optional base pretraining on single frames (Table 6, `--stage base-pretrain`)
   Alg. 1 DDPM and Alg. 2 DDIM sampling (`sample --sampler ddpm|ddim`) with decomposed noise at every step
@@ -286,6 +287,12 @@ class UNet(nn.Module):
                     self.up[-1].append(Upsample(cur))
                     res *= 2
         self.out = nn.Sequential(norm(cur), nn.SiLU(), zero(nn.Conv2d(cur, in_ch, 3, padding=1)))
+        # A linear read-out of the first conv's features beside ADM's GN-SiLU-conv head (ours, as in vdm.py):
+        # every GroupNorm takes the per-frame mean away, so the mean colour of z_t reached the prediction with a
+        # gain of 0.36 (whole video) and 0.28 (one frame) at t > 900 where it should be ~1, which the sampler
+        # turned into a tint per video and per frame. With it: background error 88.7 -> 55.3 grey levels (64
+        # samples, defaults, a folder of one-ball videos).
+        self.read_out = zero(nn.Conv2d(ch, in_ch, 1))
 
     def forward(self, x, t, label=None):
         """x (B, C, H, W) or (B, C, N, H, W); t (B,); label (B,) with num_classes meaning "no label"."""
@@ -300,7 +307,7 @@ class UNet(nn.Module):
             emb = emb.repeat_interleave(frames, dim=0)                              # (B, E) -> (B*N, E)
             i = torch.arange(frames, device=x.device).repeat(x.shape[0] // frames)
             emb = emb + self.frame_mlp(timestep_embedding(i, self.ch))              # the frame index i
-        h = self.inp(x)
+        h = first = self.inp(x)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb, frames)
@@ -308,7 +315,7 @@ class UNet(nn.Module):
         h = self.mid(h, emb, frames)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb, frames)
-        h = self.out(h)
+        h = self.out(h) + self.read_out(first)
         return rearrange(h, "(b n) c h w -> b c n h w", n=frames) if self.temporal else h
 
 

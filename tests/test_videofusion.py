@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from hypothesis import given, settings, strategies as st
 
 import videofusion as vf
@@ -676,7 +677,36 @@ def blocks_of(net):
     """Every block the U-Net is built from: the input conv, each layer of each stage, the output head."""
     return [("inp", net.inp)] + [(f"{part}.{i}.{j}", layer) for part in ("down", "mid", "up")
                                  for i, stage in enumerate([net.mid] if part == "mid" else getattr(net, part))
-                                 for j, layer in enumerate(stage)] + [("out", net.out)]
+                                 for j, layer in enumerate(stage)] + [("out", net.out), ("read_out", net.read_out)]
+
+
+@pytest.mark.parametrize("temporal", [False, True], ids=["base", "residual"])
+def test_each_generator_is_adms_head_plus_a_norm_free_linear_read_out_of_the_first_convolution(temporal):
+    """prediction = out(h) + read_out(inp(x)), by hand, frame by frame for the residual generator: a 1x1 conv of
+    the first layer's features with no norm on its path, so a shift of the mean colour of z_t reaches the
+    prediction linearly; the first conv gets a gradient through it; it starts at zero (videofusion.py UNet)."""
+    net, x, t, label = contribution_inputs(temporal)
+    per_frame = (lambda v: rearrange(v, "b c n h w -> (b n) c h w")) if temporal else (lambda v: v)
+    back = (lambda v: rearrange(v, "(b n) c h w -> b c n h w", n=x.shape[2])) if temporal else (lambda v: v)
+    head_out = {}
+    hook = net.out.register_forward_hook(lambda m, i, o: head_out.update(o=o))
+    with torch.no_grad():
+        out = net(x, t, label)
+        hook.remove()
+        read = nn.functional.conv2d(net.inp(per_frame(x)), net.read_out.weight, net.read_out.bias)
+        assert torch.allclose(out, back(head_out["o"] + read), atol=1e-5)
+        assert net.read_out.weight.abs().min() > 0                        # randomize reached it: a real check
+        d = torch.zeros_like(x)
+        d[:, 1] = 0.3                                                      # the green channel's mean colour
+        inp = nn.functional.conv2d(per_frame(d), net.inp.weight, None, padding=1)   # the first conv is linear
+        lin = back(nn.functional.conv2d(inp, net.read_out.weight))
+        net.out.register_forward_hook(lambda m, i, o: torch.zeros_like(o))    # the head silenced: only the path
+        assert torch.allclose(net(x + d, t, label) - net(x, t, label), lin, atol=1e-5)
+    net(x, t, label).sum().backward()
+    assert net.inp.weight.grad is not None and net.inp.weight.grad.abs().sum() > 0
+    _, fresh, _ = vf.build(small_cfg(frames=5, num_classes=3), "cpu")
+    head = fresh.residual if temporal else fresh.base
+    assert not head.read_out.weight.any() and not head.read_out.bias.any()
 
 
 @pytest.mark.parametrize("temporal", [False, True], ids=["base", "residual"])
